@@ -1,0 +1,533 @@
+"""The parent <-> daemon protocol, with no I/O (in the manner of h11).
+
+Bytes go in through :meth:`Connection.receive_data`, messages come out of
+:meth:`Connection.next_event`; :meth:`Connection.send` turns a message into
+bytes. Neither touches a socket: the parent (async) and the daemon (threads)
+are thin shells around this module.
+
+Frame layout (all integers big-endian)::
+
+    magic  b"AD"      2 bytes
+    version           1 byte
+    kind              1 byte   (Kind)
+    header length     4 bytes  (<= MAX_HEADER, UTF-8 JSON object)
+    blob length       4 bytes  (<= MAX_BLOB, opaque bytes)
+    header, blob
+
+The JSON header holds the message's fields; ``blob`` carries the one opaque
+payload a message may have (the pickled skeleton of a save, the pickled DCP
+metadata of a result). Tensor bytes never cross the channel: they travel in
+shared memory (an ``Arena`` message hands the daemon a file descriptor).
+
+Which message may be sent by whom, and when, is the table ``_ALLOWED``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import struct
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final, Union
+
+from ._errors import ProtocolError
+
+__all__ = [
+    "MAGIC",
+    "MAX_BLOB",
+    "MAX_HEADER",
+    "NEED_DATA",
+    "PROTOCOL_VERSION",
+    "Arena",
+    "Cancel",
+    "Closed",
+    "Connection",
+    "DaemonConfig",
+    "Hello",
+    "InitFailed",
+    "Kind",
+    "Log",
+    "Message",
+    "Progress",
+    "Ready",
+    "ReleaseArena",
+    "Role",
+    "Save",
+    "SaveFailed",
+    "Saved",
+    "State",
+    "TensorSpec",
+    "Terminate",
+    "decode_frame",
+    "encode_frame",
+]
+
+MAGIC: Final = b"AD"
+PROTOCOL_VERSION: Final = 1
+_HEAD = struct.Struct(">2sBBII")
+HEADER_SIZE: Final = _HEAD.size
+MAX_HEADER: Final = 1 << 20
+MAX_BLOB: Final = 1 << 30
+
+
+class Kind(enum.IntEnum):
+    HELLO = 1
+    READY = 2
+    INIT_FAILED = 3
+    ARENA = 4
+    RELEASE_ARENA = 5
+    SAVE = 6
+    CANCEL = 7
+    PROGRESS = 8
+    SAVED = 9
+    SAVE_FAILED = 10
+    TERMINATE = 11
+    LOG = 12
+
+
+class Role(enum.Enum):
+    PARENT = "parent"
+    DAEMON = "daemon"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Where one staged tensor lives in its arena: byte offset, dtype name, shape."""
+
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+# --------------------------------------------------------------------- messages
+@dataclass(frozen=True)
+class Message:
+    KIND: ClassVar[Kind]
+
+
+@dataclass(frozen=True)
+class Hello(Message):
+    """Daemon -> parent, first frame: who is speaking."""
+
+    KIND: ClassVar[Kind] = Kind.HELLO
+    pid: int
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class Ready(Message):
+    """Daemon -> parent: process group (if any) is up; requests may follow."""
+
+    KIND: ClassVar[Kind] = Kind.READY
+    rank: int
+    world_size: int
+
+
+@dataclass(frozen=True)
+class InitFailed(Message):
+    """Daemon -> parent: start-up failed; the daemon exits after sending it."""
+
+    KIND: ClassVar[Kind] = Kind.INIT_FAILED
+    error_type: str
+    message: str
+    traceback: str = ""
+
+
+@dataclass(frozen=True)
+class Arena(Message):
+    """Parent -> daemon: a shared-memory arena; its file descriptor rides along."""
+
+    KIND: ClassVar[Kind] = Kind.ARENA
+    arena_id: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class ReleaseArena(Message):
+    """Parent -> daemon: unmap an arena no save uses any more."""
+
+    KIND: ClassVar[Kind] = Kind.RELEASE_ARENA
+    arena_id: int
+
+
+@dataclass(frozen=True)
+class Save(Message):
+    """Parent -> daemon: persist the state staged in ``arena_id`` as ``step``."""
+
+    KIND: ClassVar[Kind] = Kind.SAVE
+    req_id: int
+    step: int
+    arena_id: int
+    tensors: tuple[TensorSpec, ...]
+    overwrite: bool = False
+    blob: bytes = b""
+
+
+@dataclass(frozen=True)
+class Cancel(Message):
+    """Parent -> daemon: abort ``req_id`` at the next write boundary (if not committed)."""
+
+    KIND: ClassVar[Kind] = Kind.CANCEL
+    req_id: int
+
+
+@dataclass(frozen=True)
+class Progress(Message):
+    """Daemon -> parent: ``req_id`` has written ``bytes_written`` of ``total_bytes``."""
+
+    KIND: ClassVar[Kind] = Kind.PROGRESS
+    req_id: int
+    phase: str
+    bytes_written: int
+    total_bytes: int
+
+
+@dataclass(frozen=True)
+class Saved(Message):
+    """Daemon -> parent: ``req_id`` is committed; ``blob`` is the pickled DCP Metadata."""
+
+    KIND: ClassVar[Kind] = Kind.SAVED
+    req_id: int
+    step: int
+    path: str
+    nbytes: int
+    persist_seconds: float
+    blob: bytes = b""
+
+
+@dataclass(frozen=True)
+class SaveFailed(Message):
+    """Daemon -> parent: ``req_id`` failed (or was cancelled); nothing was published."""
+
+    KIND: ClassVar[Kind] = Kind.SAVE_FAILED
+    req_id: int
+    error_type: str
+    message: str
+    traceback: str = ""
+    cancelled: bool = False
+
+
+@dataclass(frozen=True)
+class Terminate(Message):
+    """Parent -> daemon: finish the current request, then exit."""
+
+    KIND: ClassVar[Kind] = Kind.TERMINATE
+
+
+@dataclass(frozen=True)
+class Log(Message):
+    """Daemon -> parent: one log record, re-emitted by the parent's logging."""
+
+    KIND: ClassVar[Kind] = Kind.LOG
+    level: int
+    name: str
+    message: str
+
+
+_BY_KIND: Final[dict[Kind, type[Message]]] = {
+    cls.KIND: cls
+    for cls in (
+        Hello,
+        Ready,
+        InitFailed,
+        Arena,
+        ReleaseArena,
+        Save,
+        Cancel,
+        Progress,
+        Saved,
+        SaveFailed,
+        Terminate,
+        Log,
+    )
+}
+
+
+@dataclass
+class DaemonConfig:
+    """Start-up configuration of a daemon, passed as JSON on its command line."""
+
+    root: str
+    rank: int = 0
+    world_size: int = 1
+    master_addr: str = ""
+    master_port: int = 0
+    use_prefix_store: bool = False
+    token: str = ""
+    init_timeout: float = 1800.0
+    collective_timeout: float = 600.0
+    disable_automatic_gc: bool = False
+    disable_manual_gc: bool = False
+    thread_count: int = 1
+    sync_files: bool = True
+    keep_last: int | None = None
+    keep_every: int | None = None
+    niceness: int = 0
+    log_level: int = 20
+
+
+
+# ---------------------------------------------------------------------- framing
+def _to_json(value: Any) -> Any:
+    if isinstance(value, TensorSpec):
+        return [value.offset, value.nbytes, value.dtype, list(value.shape)]
+    if isinstance(value, tuple):
+        return [_to_json(v) for v in value]
+    return value
+
+
+def encode_frame(msg: Message) -> bytes:
+    """Serialise one message into one frame."""
+    fields = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg) if f.name != "blob"}
+    header = json.dumps(
+        {k: _to_json(v) for k, v in fields.items()}, separators=(",", ":"), allow_nan=False
+    ).encode()
+    blob: bytes = getattr(msg, "blob", b"")
+    if len(header) > MAX_HEADER:
+        raise ProtocolError(f"{type(msg).__name__} header is {len(header)} bytes > {MAX_HEADER}")
+    if len(blob) > MAX_BLOB:
+        raise ProtocolError(f"{type(msg).__name__} blob is {len(blob)} bytes > {MAX_BLOB}")
+    return _HEAD.pack(MAGIC, PROTOCOL_VERSION, msg.KIND, len(header), len(blob)) + header + blob
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check(name: str, value: Any, tp: Any) -> Any:
+    """Validate a decoded JSON value against a field type; return the typed value."""
+    bad = ProtocolError(f"field {name!r}: expected {tp}, got {type(value).__name__}")
+    if tp is int:
+        if not _is_int(value):
+            raise bad
+        return value
+    if tp is float:
+        if not (_is_int(value) or isinstance(value, float)):
+            raise bad
+        return float(value)
+    if tp is bool or tp is str:
+        if type(value) is not tp:
+            raise bad
+        return value
+    if tp == tuple[TensorSpec, ...]:
+        if not isinstance(value, list):
+            raise bad
+        return tuple(_tensor_spec(name, v) for v in value)
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):  # pragma: no cover - no optional fields yet
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _check(name, value, inner)
+    raise AssertionError(f"unsupported field type {tp}")  # pragma: no cover
+
+
+def _tensor_spec(name: str, v: Any) -> TensorSpec:
+    if not (isinstance(v, list) and len(v) == 4):
+        raise ProtocolError(f"field {name!r}: malformed tensor spec")
+    offset, nbytes, dtype, shape = v
+    if not (_is_int(offset) and _is_int(nbytes) and offset >= 0 and nbytes >= 0):
+        raise ProtocolError(f"field {name!r}: bad tensor offset/size")
+    if not isinstance(dtype, str) or not isinstance(shape, list):
+        raise ProtocolError(f"field {name!r}: bad tensor dtype/shape")
+    if not all(_is_int(d) and d >= 0 for d in shape):
+        raise ProtocolError(f"field {name!r}: bad tensor shape")
+    return TensorSpec(offset, nbytes, dtype, tuple(shape))
+
+
+_HINTS: dict[type[Message], dict[str, Any]] = {}
+
+
+def _hints(cls: type[Message]) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def decode_frame(buf: bytes | bytearray | memoryview) -> tuple[Message, int] | None:
+    """Decode the first frame in ``buf``.
+
+    Returns ``(message, bytes consumed)``, or ``None`` if ``buf`` holds only part
+    of a frame. Raises :class:`ProtocolError` on any malformed input; it never
+    reads past the bounds the header declares.
+    """
+    if len(buf) < HEADER_SIZE:
+        if len(buf) >= 2 and bytes(buf[:2]) != MAGIC:
+            raise ProtocolError(f"bad magic {bytes(buf[:2])!r}")
+        return None
+    magic, version, kind, hlen, blen = _HEAD.unpack_from(buf, 0)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {magic!r}")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version}, expected {PROTOCOL_VERSION}")
+    try:
+        cls = _BY_KIND[Kind(kind)]
+    except ValueError:
+        raise ProtocolError(f"unknown message kind {kind}") from None
+    if hlen > MAX_HEADER or blen > MAX_BLOB:
+        raise ProtocolError(f"frame too large (header {hlen}, blob {blen})")
+    end = HEADER_SIZE + hlen + blen
+    if len(buf) < end:
+        return None
+    try:
+        fields = json.loads(bytes(buf[HEADER_SIZE : HEADER_SIZE + hlen]))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"{cls.__name__}: header is not JSON ({exc})") from None
+    if not isinstance(fields, dict):
+        raise ProtocolError(f"{cls.__name__}: header is not a JSON object")
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in fields.items():
+        if key not in names or key == "blob":
+            raise ProtocolError(f"{cls.__name__}: unexpected field {key!r}")
+        kwargs[key] = _check(key, value, hints[key])
+    if "blob" in names:
+        kwargs["blob"] = bytes(buf[HEADER_SIZE + hlen : end])
+    elif blen:
+        raise ProtocolError(f"{cls.__name__} carries no blob")
+    try:
+        msg = cls(**kwargs)
+    except TypeError as exc:
+        raise ProtocolError(f"{cls.__name__}: {exc}") from None
+    return msg, end
+
+
+# ---------------------------------------------------------------- state machine
+class State(enum.Enum):
+    HANDSHAKE = "handshake"  # waiting for the daemon's Hello
+    INITIALIZING = "initializing"  # waiting for Ready / InitFailed
+    SERVING = "serving"
+    TERMINATING = "terminating"  # parent sent Terminate; daemon finishes and closes
+    CLOSED = "closed"
+
+
+_P, _D = Role.PARENT, Role.DAEMON
+_ALLOWED: Final[dict[tuple[State, Role], frozenset[Kind]]] = {
+    (State.HANDSHAKE, _D): frozenset({Kind.HELLO}),
+    (State.HANDSHAKE, _P): frozenset({Kind.TERMINATE}),
+    (State.INITIALIZING, _D): frozenset({Kind.READY, Kind.INIT_FAILED, Kind.LOG}),
+    (State.INITIALIZING, _P): frozenset({Kind.TERMINATE}),
+    (State.SERVING, _P): frozenset(
+        {Kind.ARENA, Kind.RELEASE_ARENA, Kind.SAVE, Kind.CANCEL, Kind.TERMINATE}
+    ),
+    (State.SERVING, _D): frozenset({Kind.PROGRESS, Kind.SAVED, Kind.SAVE_FAILED, Kind.LOG}),
+    (State.TERMINATING, _P): frozenset(),
+    (State.TERMINATING, _D): frozenset({Kind.PROGRESS, Kind.SAVED, Kind.SAVE_FAILED, Kind.LOG}),
+}
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Final = _NeedData()
+
+
+@dataclass(frozen=True)
+class Closed:
+    """The peer closed the channel (EOF). ``clean`` if that was expected."""
+
+    clean: bool
+
+
+class Connection:
+    """One end of the channel: validates what each side sends, in order.
+
+    Both ends run the same machine; ``our_role`` says which messages are ours.
+    Request ids must be fresh and increasing; replies must name an open request;
+    a save must name a live arena.
+    """
+
+    def __init__(self, our_role: Role) -> None:
+        self.our_role = our_role
+        self.their_role = _D if our_role is _P else _P
+        self.state = State.HANDSHAKE
+        self._buf = bytearray()
+        self._eof = False
+        self._open: set[int] = set()
+        self._last_req = -1
+        self._arenas: set[int] = set()
+
+    # -- transitions, shared by both directions
+    def _apply(self, msg: Message, sender: Role) -> None:
+        kind = msg.KIND
+        if self.state is State.CLOSED or kind not in _ALLOWED[(self.state, sender)]:
+            raise ProtocolError(f"{sender.value} may not send {kind.name} in state {self.state.name}")
+        if isinstance(msg, Hello):
+            if msg.version != PROTOCOL_VERSION:
+                raise ProtocolError(f"daemon speaks protocol {msg.version}")
+            self.state = State.INITIALIZING
+        elif isinstance(msg, Ready):
+            self.state = State.SERVING
+        elif isinstance(msg, InitFailed):
+            self.state = State.CLOSED
+        elif isinstance(msg, Arena):
+            if msg.arena_id in self._arenas:
+                raise ProtocolError(f"arena {msg.arena_id} already exists")
+            self._arenas.add(msg.arena_id)
+        elif isinstance(msg, ReleaseArena):
+            if msg.arena_id not in self._arenas:
+                raise ProtocolError(f"release of unknown arena {msg.arena_id}")
+            self._arenas.discard(msg.arena_id)
+        elif isinstance(msg, Save):
+            if msg.req_id <= self._last_req:
+                raise ProtocolError(f"request id {msg.req_id} is not fresh")
+            if msg.arena_id not in self._arenas:
+                raise ProtocolError(f"save names unknown arena {msg.arena_id}")
+            if msg.step < 0:
+                raise ProtocolError(f"negative step {msg.step}")
+            self._last_req = msg.req_id
+            self._open.add(msg.req_id)
+        elif isinstance(msg, Cancel):
+            if not 0 <= msg.req_id <= self._last_req:
+                raise ProtocolError(f"cancel of unknown request {msg.req_id}")
+        elif isinstance(msg, (Progress, Saved, SaveFailed)):
+            if msg.req_id not in self._open:
+                raise ProtocolError(f"{kind.name} for request {msg.req_id}, which is not open")
+            if not isinstance(msg, Progress):
+                self._open.discard(msg.req_id)
+        elif isinstance(msg, Terminate):
+            self.state = State.CLOSED if self.state is not State.SERVING else State.TERMINATING
+
+    @property
+    def open_requests(self) -> frozenset[int]:
+        return frozenset(self._open)
+
+    # -- our side
+    def send(self, msg: Message) -> bytes:
+        """Validate that we may send ``msg`` now; return its frame."""
+        frame = encode_frame(msg)
+        self._apply(msg, self.our_role)
+        return frame
+
+    # -- their side
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the peer; ``b""`` means end of file."""
+        if self._eof:
+            raise ProtocolError("data after end of file")
+        if data:
+            self._buf += data
+        else:
+            self._eof = True
+
+    def next_event(self) -> Message | _NeedData | Closed:
+        """The next message from the peer, ``NEED_DATA``, or ``Closed`` at EOF."""
+        decoded = decode_frame(self._buf)
+        if decoded is None:
+            if not self._eof:
+                return NEED_DATA
+            if self._buf:
+                raise ProtocolError(f"end of file inside a frame ({len(self._buf)} bytes)")
+            clean = self.state in (State.CLOSED, State.TERMINATING) and not self._open
+            self.state = State.CLOSED
+            return Closed(clean=clean)
+        msg, used = decoded
+        del self._buf[:used]
+        self._apply(msg, self.their_role)
+        return msg

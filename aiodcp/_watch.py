@@ -1,0 +1,105 @@
+"""Following new checkpoints: ``watch(root)`` yields each newly committed step.
+
+Commits made in this process wake watchers at once; commits by other
+processes are seen through inotify where the kernel has it (a commit is a
+rename into ``root``), else by polling every ``poll_interval`` seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from . import _storage
+
+__all__ = ["notify_commit", "watch"]
+
+_waiters: dict[Path, set[Any]] = {}
+
+_IN_NONBLOCK = 0o4000
+_IN_CLOEXEC = 0o2000000
+_IN_CREATE = 0x100
+_IN_MOVED_TO = 0x80
+_IN_CLOSE_WRITE = 0x8
+
+
+def notify_commit(root: Path, step: int) -> None:
+    """Wake this process's watchers of ``root`` (called on the event loop)."""
+    for event in list(_waiters.get(root, ())):
+        event.set()
+
+
+def _inotify(root: Path) -> int | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        fd = int(libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC))
+        if fd < 0:
+            return None
+        wd = libc.inotify_add_watch(fd, os.fsencode(root), _IN_MOVED_TO | _IN_CREATE | _IN_CLOSE_WRITE)
+        if wd < 0:
+            os.close(fd)
+            return None
+        return fd
+    except (OSError, AttributeError):
+        return None
+
+
+def _drain(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError, InterruptedError):
+        while os.read(fd, 65536):
+            pass
+
+
+async def watch(
+    root: str | os.PathLike[str],
+    *,
+    include_latest: bool = False,
+    poll_interval: float = 0.5,
+) -> AsyncIterator[int]:
+    """Yield each step committed under ``root`` from now on, in increasing order.
+
+    Iteration starts after the latest step present when it begins;
+    ``include_latest=True`` yields that one first. Only committed steps are
+    ever yielded. Stop by breaking out of the loop (or cancelling it).
+    """
+    path = Path(root).absolute()
+    event = anyio.Event()
+    _waiters.setdefault(path, set()).add(event)
+    fd = await anyio.to_thread.run_sync(_inotify, path)
+    try:
+        last = await anyio.to_thread.run_sync(_storage.read_latest, path)
+        if include_latest and last is not None:
+            yield last
+        while True:
+            steps = await anyio.to_thread.run_sync(_storage.list_steps, path)
+            for step in steps:
+                if last is None or step > last:
+                    last = step
+                    yield step
+            with anyio.move_on_after(poll_interval):
+                if fd is not None:
+                    await anyio.wait_readable(fd)
+                else:
+                    await event.wait()
+            if fd is not None:
+                _drain(fd)
+            if event.is_set():
+                _waiters[path].discard(event)
+                event = anyio.Event()
+                _waiters[path].add(event)
+    finally:
+        waiters = _waiters.get(path)
+        if waiters is not None:
+            waiters.discard(event)
+            if not waiters:
+                del _waiters[path]
+        if fd is not None:
+            os.close(fd)
