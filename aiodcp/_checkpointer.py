@@ -358,6 +358,9 @@ class AsyncCheckpointer:
             if self._worker is not None and self._worker.alive:
                 return self._worker
             group = self._group
+            if self._worker is not None and group.rank == 0:
+                # the previous daemon died: its saves failed, their temporaries are litter
+                await anyio.to_thread.run_sync(_storage.cleanup_leftovers, self.root)
             rdv = None
             if group.distributed:
                 rdv = await anyio.to_thread.run_sync(rendezvous, group, self.use_prefix_store)
@@ -408,8 +411,7 @@ class AsyncCheckpointer:
             CheckpointExistsError: ``step`` is committed and ``overwrite`` is False.
         """
         self._check_open()
-        if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
-            raise ValueError(f"step must be a non-negative int or None, got {step!r}")
+        _check_step(step)
         assert self._slot_free is not None
         t0 = time.perf_counter()
         if self.when_busy == "skip" and self._slot_free.value == 0:
@@ -608,6 +610,15 @@ class AsyncCheckpointer:
     def watch(self, *, include_latest: bool = False, poll_interval: float = 0.5) -> AsyncIterator[int]:
         """``aiodcp.watch`` on this checkpointer's root."""
         return watch(self.root, include_latest=include_latest, poll_interval=poll_interval)
+
+
+def _check_step(step: object) -> None:
+    if step is None:
+        return
+    if not isinstance(step, int) or isinstance(step, bool):
+        raise TypeError(f"step must be an int or None, got {type(step).__name__}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
 
 
 def _cuda_stream() -> Any:

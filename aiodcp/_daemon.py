@@ -52,6 +52,10 @@ from ._staging import MeshSpec, PickledLeaf, map_arena, rebuild
 log = logging.getLogger("aiodcp.daemon")
 
 
+# Seconds to sleep before each write item; lets tests kill or cancel mid-persist.
+_SLOW_WRITE = float(os.environ.get("AIODCP_TEST_SLOW_WRITE", "0") or 0)
+
+
 class SaveCancelled(Exception):
     """Raised inside DCP's write path when a save is cancelled."""
 
@@ -418,6 +422,8 @@ class _Planner(DefaultSavePlanner):
         self._lock = threading.Lock()
 
     def resolve_data(self, write_item: Any) -> Any:
+        if _SLOW_WRITE:  # fault-injection hook for tests: widen the persist window
+            time.sleep(_SLOW_WRITE)
         if self._req.cancel.is_set():
             raise SaveCancelled(self._req.reason)
         obj = self.lookup_object(write_item.index)

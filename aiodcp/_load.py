@@ -32,8 +32,9 @@ def _resolve_step(root: Path, step: int | None) -> int:
 def _load_blocking(state_dict: Any, root: Path, step: int | None, group: Group) -> int:
     import torch.distributed.checkpoint as dcp
 
-    if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
-        raise ValueError(f"step must be a non-negative int or None, got {step!r}")
+    from ._checkpointer import _check_step
+
+    _check_step(step)
     if group.distributed:
         # Every rank must load the same step: rank 0 decides (-1: none found).
         mine: int | None = None

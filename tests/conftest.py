@@ -1,0 +1,66 @@
+"""Shared fixtures: every async test runs on asyncio and on uvloop, with blockbuster on."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvloop
+from blockbuster import blockbuster_ctx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_asyncio_loop_factories(config, item):  # type: ignore[no-untyped-def]
+    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture(autouse=True)
+def _no_blocking_in_aiodcp(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail an async test if aiodcp makes a blocking call on the event loop thread."""
+    if request.node.get_closest_marker("asyncio") is None:
+        yield
+        return
+    with blockbuster_ctx(["aiodcp"]):
+        yield
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "ckpt"
+
+
+def daemon_pids() -> set[int]:
+    """pids of live aiodcp daemons that are children of this process."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if b"aiodcp._daemon" in cmd and " Z " not in stat:
+            out.add(int(entry))
+    return out
+
+
+def run_script(code: str, *args: str, timeout: float = 90, env: dict[str, str] | None = None,
+               cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` as a fresh Python script (no pytest, no __main__ guard needed)."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )

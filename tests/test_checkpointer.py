@@ -1,0 +1,201 @@
+"""AsyncCheckpointer against a real daemon: the save/load contract, on asyncio and uvloop."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+import aiodcp
+from aiodcp import CheckpointError, CheckpointExistsError, CheckpointNotFoundError
+
+from .conftest import daemon_pids
+
+pytestmark = pytest.mark.asyncio
+
+
+def _state(seed: int = 0, n: int = 1000) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "model": torch.nn.Linear(8, 4),
+        "opt": {"step": seed, "lr": 0.1, "moments": [torch.randn(n, generator=g)]},
+        "big": torch.randn(n, 3, generator=g),
+    }
+
+
+async def test_save_returns_once_staged_and_commits_plain_dcp(root: Path) -> None:
+    """After save() returns, in-place mutation cannot reach the checkpoint; dcp.load reads it."""
+    state = _state()
+    expected = state["big"].clone()
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:
+        pid = ckpt.worker_pid
+        assert pid is not None and pid in daemon_pids()
+        handle = await ckpt.save(state, step=100)
+        assert handle.step == 100
+        state["big"].mul_(0).add_(7)  # train on
+        result = await handle
+        assert handle.done() and result.step == 100 and not result.skipped
+        assert result.path == root.absolute() / "step_100"
+        assert result.nbytes == sum(t.nbytes for t in [state["big"], state["opt"]["moments"][0],
+                                                       *state["model"].state_dict().values()])
+        assert result.stage_seconds > 0 and result.persist_seconds > 0
+        assert "big" in result.metadata.state_dict_metadata
+        assert await ckpt.steps() == [100]
+    assert ckpt.worker_pid is None and pid not in daemon_pids()
+    plain = {"big": torch.zeros(1000, 3), "opt": {"step": -1, "moments": [torch.zeros(1000)]}}
+    await anyio.to_thread.run_sync(lambda: dcp.load(plain, checkpoint_id=result.path, no_dist=True))
+    assert torch.equal(plain["big"], expected)
+    assert plain["opt"]["step"] == 0
+
+
+async def test_step_defaults_to_latest_plus_one_and_load_picks_latest(root: Path) -> None:
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:
+        with pytest.raises(CheckpointNotFoundError):
+            await ckpt.load(_state())
+        handles = [await ckpt.save(_state(seed)) for seed in range(3)]
+        assert [h.step for h in handles] == [0, 1, 2]
+        await ckpt.wait()
+        assert all(h.done() for h in handles)
+        target = _state(99)
+        assert await ckpt.load(target) == 2
+        assert torch.equal(target["big"], _state(2)["big"])
+        assert target["opt"]["step"] == 2
+        assert await ckpt.load(target, step=1) == 1
+        assert torch.equal(target["opt"]["moments"][0], _state(1)["opt"]["moments"][0])
+        with pytest.raises(CheckpointNotFoundError):
+            await ckpt.load(target, step=7)
+    # a new checkpointer continues the numbering
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:
+        assert (await ckpt.save(_state())).step == 3
+
+
+async def test_existing_step_needs_overwrite(root: Path) -> None:
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:
+        await (await ckpt.save(_state(1), step=5))
+        with pytest.raises(CheckpointExistsError):
+            await ckpt.save(_state(2), step=5)
+        await (await ckpt.save(_state(2), step=5, overwrite=True))
+        target = _state(0)
+        await ckpt.load(target, step=5)
+        assert torch.equal(target["big"], _state(2)["big"])
+        assert await ckpt.steps() == [5]
+
+
+async def test_bad_input_fails_at_once_and_daemon_keeps_serving(root: Path) -> None:
+    """Unpicklable values name their key path; bad steps are typed errors; nothing is sent."""
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:
+        pid = ckpt.worker_pid
+        with pytest.raises(TypeError, match=r"state_dict\['opt'\]\['fn'\]"):
+            await ckpt.save({"opt": {"fn": lambda: 1}, "x": torch.ones(3)})
+        with pytest.raises(ValueError, match=">= 0"):
+            await ckpt.save(_state(), step=-1)
+        with pytest.raises(TypeError, match="int"):
+            await ckpt.save(_state(), step="3")  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            await ckpt.save([torch.ones(1)])  # type: ignore[arg-type]
+        assert (await (await ckpt.save(_state()))).step == 0
+        assert ckpt.worker_pid == pid
+        assert await ckpt.steps() == [0]
+
+
+async def test_layout_changes_get_a_fresh_arena(root: Path) -> None:
+    """Saves of different shapes back to back never mix bytes."""
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:
+        a = {"w": torch.arange(10.0)}
+        b = {"w": torch.arange(20.0).reshape(4, 5), "extra": torch.ones(3, dtype=torch.int32)}
+        for state in (a, b, a):
+            await (await ckpt.save(state))
+        out_b = {"w": torch.zeros(4, 5), "extra": torch.zeros(3, dtype=torch.int32)}
+        await ckpt.load(out_b, step=1)
+        assert torch.equal(out_b["w"], b["w"]) and torch.equal(out_b["extra"], b["extra"])
+        out_a = {"w": torch.zeros(10)}
+        await ckpt.load(out_a, step=2)
+        assert torch.equal(out_a["w"], a["w"])
+
+
+async def test_root_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None:
+    file = tmp_path / "f"
+    file.write_text("x")
+    with pytest.raises(CheckpointError, match="not a directory"):
+        async with aiodcp.AsyncCheckpointer(file):
+            pass
+
+
+async def test_one_writer_per_root(root: Path) -> None:
+    async with aiodcp.AsyncCheckpointer(root):
+        with pytest.raises(CheckpointError, match="in use"):
+            async with aiodcp.AsyncCheckpointer(root):
+                pass
+
+
+async def test_events_report_each_phase(root: Path) -> None:
+    events: list[aiodcp.SaveEvent] = []
+    async with aiodcp.AsyncCheckpointer(root, on_event=events.append) as ckpt:
+        await (await ckpt.save(_state(n=100_000)))
+    phases = [e.phase for e in events]
+    assert phases[0] == "staged" and phases[-1] == "committed"
+    assert "written" in phases
+    assert events[-1].bytes_written == events[-1].total_bytes > 1_000_000
+
+
+async def test_skip_when_busy_returns_a_skipped_result(root: Path) -> None:
+    os.environ["AIODCP_TEST_SLOW_WRITE"] = "0.3"
+    try:
+        async with aiodcp.AsyncCheckpointer(root, when_busy="skip") as ckpt:
+            first = await ckpt.save(_state())
+            skipped = await ckpt.save(_state())
+            result = await skipped
+            assert result.skipped and result.metadata is None and result.nbytes == 0
+            assert (await first).step == 0
+            assert await ckpt.steps() == [0]
+    finally:
+        del os.environ["AIODCP_TEST_SLOW_WRITE"]
+
+
+async def test_max_inflight_lets_saves_overlap_and_wait_applies_backpressure(root: Path) -> None:
+    """With one slot, save() waits for the previous persist; with two it does not."""
+    os.environ["AIODCP_TEST_SLOW_WRITE"] = "0.2"
+    try:
+        async with aiodcp.AsyncCheckpointer(root, max_inflight=1) as ckpt:
+            first = await ckpt.save(_state())
+            t0 = time.perf_counter()
+            second = await ckpt.save(_state())
+            assert first.done()  # the second save waited for the first's slot
+            assert time.perf_counter() - t0 > 0.2
+            await second
+        async with aiodcp.AsyncCheckpointer(root, max_inflight=2) as ckpt:
+            a = await ckpt.save(_state())
+            b = await ckpt.save(_state())
+            assert not a.done()
+            assert {(await a).step, (await b).step} == {2, 3}
+    finally:
+        del os.environ["AIODCP_TEST_SLOW_WRITE"]
+
+
+async def test_event_loop_keeps_ticking_during_a_large_save(root: Path) -> None:
+    """A 256 MiB save (stage + persist) never stalls the loop for long (ticker task)."""
+    state = {f"t{i}": torch.randn(4 * 1024 * 1024) for i in range(16)}  # 16 x 16 MiB
+    lags: list[float] = []
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:
+        done = anyio.Event()
+
+        async def ticker() -> None:
+            while not done.is_set():
+                t = time.perf_counter()
+                await anyio.sleep(0.001)
+                lags.append(time.perf_counter() - t - 0.001)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker)
+            await anyio.sleep(0.05)
+            handle = await ckpt.save(state)
+            await handle
+            done.set()
+    print(f"max loop lag {max(lags) * 1e3:.1f} ms over {len(lags)} ticks")
+    assert len(lags) > 50
+    assert max(lags) < 0.1  # generous for a noisy 2-core CI box; the benchmark reports it

@@ -1,0 +1,132 @@
+"""Staging: flatten -> arena copy -> daemon-side views reproduce every tensor exactly."""
+
+from __future__ import annotations
+
+import io
+import mmap
+import os
+import threading
+
+import pytest
+import torch
+
+from aiodcp._staging import Arena, PickledLeaf, TensorSlot, flatten, map_arena, rebuild, tensor_in
+
+
+def _round_trip(state: dict) -> dict:
+    flat = flatten(state)
+    arena = Arena(flat.nbytes, flat.fingerprint)
+    try:
+        arena.stage(flat)
+        fd = os.dup(arena.fd)
+        mm = map_arena(fd, arena.nbytes)
+        os.close(fd)
+        return rebuild(flat.skeleton, flat.specs, mm)
+    finally:
+        arena.close()
+
+
+def test_dtypes_shapes_and_odd_layouts_survive_staging() -> None:
+    """bf16/fp16/int/bool, 0-dim, empty, non-contiguous and shared-storage views stage bit-exact."""
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    state = {
+        "bf16": torch.randn(5, 3).to(torch.bfloat16),
+        "fp16": torch.randn(7).half(),
+        "int": torch.randint(-100, 100, (3, 3), dtype=torch.int64),
+        "int8": torch.randint(-100, 100, (9,), dtype=torch.int8),
+        "bool": torch.rand(11) > 0.5,
+        "scalar": torch.tensor(3.5),
+        "empty": torch.empty(0, 4),
+        "transposed": base.t(),
+        "strided": base[:, ::2],
+        "view_a": base[1],
+        "view_b": base[1:3],
+        "complex": torch.randn(3, dtype=torch.complex64),
+        "nested": {"list": [torch.ones(2), 5, "text"], "tuple": (torch.zeros(1), None)},
+    }
+    out = _round_trip(state)
+    for key in ["bf16", "fp16", "int", "int8", "bool", "scalar", "empty", "transposed",
+                "strided", "view_a", "view_b", "complex"]:
+        assert out[key].dtype == state[key].dtype, key
+        assert out[key].shape == state[key].shape, key
+        assert torch.equal(out[key], state[key]), key
+    assert torch.equal(out["nested"]["list"][0], torch.ones(2))
+    assert isinstance(out["nested"]["list"][1], PickledLeaf)
+    assert torch.load(io.BytesIO(out["nested"]["list"][2].data)) == "text"
+    assert isinstance(out["nested"]["tuple"], tuple)
+
+
+def test_daemon_views_own_exactly_their_bytes() -> None:
+    """Each rebuilt tensor's storage is exactly its size, so DCP's writer never clones it."""
+    out = _round_trip({"a": torch.randn(3, 5), "b": torch.randn(7)})
+    for t in out.values():
+        assert t.untyped_storage().size() == t.nbytes
+
+
+def test_staged_copy_is_independent_of_later_mutation() -> None:
+    t = torch.zeros(1000)
+    flat = flatten({"t": t})
+    arena = Arena(flat.nbytes, flat.fingerprint)
+    arena.stage(flat)
+    t.add_(1)
+    assert torch.equal(arena.view(flat.specs[0]), torch.zeros(1000))
+    arena.close()
+
+
+def test_stateful_objects_are_replaced_by_their_state_dict() -> None:
+    model = torch.nn.Linear(3, 2)
+    flat = flatten({"model": model})
+    assert set(flat.skeleton["model"]) == {"weight", "bias"}
+    assert all(isinstance(v, TensorSlot) for v in flat.skeleton["model"].values())
+
+
+@pytest.mark.parametrize(
+    "value, name",
+    [(threading.Lock(), "lock"), (lambda x: x, "fn"), (open(os.devnull), "file")],
+)
+def test_unpicklable_values_fail_with_the_key_path(value: object, name: str) -> None:
+    with pytest.raises(TypeError, match=rf"state_dict\['opt'\]\['{name}'\].*cannot be sent"):
+        flatten({"opt": {"ok": 1, name: value}})
+
+
+def test_non_mapping_and_non_str_keys_are_type_errors() -> None:
+    with pytest.raises(TypeError):
+        flatten([torch.ones(1)])  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        flatten({1: torch.ones(1)})  # type: ignore[dict-item]
+
+
+def test_fingerprint_tracks_layout() -> None:
+    """Same names/dtypes/shapes: same fingerprint; any change: a different one."""
+    a = flatten({"x": torch.zeros(4), "y": torch.zeros(2, 2)}).fingerprint
+    assert a == flatten({"x": torch.ones(4), "y": torch.ones(2, 2)}).fingerprint
+    assert a != flatten({"x": torch.zeros(4), "y": torch.zeros(4)}).fingerprint
+    assert a != flatten({"x": torch.zeros(4).half(), "y": torch.zeros(2, 2)}).fingerprint
+    assert a != flatten({"z": torch.zeros(4), "y": torch.zeros(2, 2)}).fingerprint
+
+
+def test_offsets_are_aligned_and_disjoint() -> None:
+    flat = flatten({f"t{i}": torch.zeros(i + 1, dtype=torch.int8) for i in range(10)})
+    ends = 0
+    for spec in flat.specs:
+        assert spec.offset % 64 == 0 and spec.offset >= ends
+        ends = spec.offset + spec.nbytes
+    assert flat.nbytes >= ends
+
+
+def test_tensor_spec_outside_the_arena_is_refused() -> None:
+    from aiodcp._protocol import TensorSpec
+
+    mm = mmap.mmap(-1, 4096)
+    with pytest.raises(ValueError):
+        tensor_in(mm, TensorSpec(4000, 400, "torch.float32", (100,)))
+    with pytest.raises(ValueError):
+        tensor_in(mm, TensorSpec(0, 8, "torch.notatype", (2,)))
+
+
+def test_arena_has_no_name_in_dev_shm() -> None:
+    before = set(os.listdir("/dev/shm"))
+    arena = Arena(1 << 20, "x")
+    assert set(os.listdir("/dev/shm")) == before
+    assert os.readlink(f"/proc/self/fd/{arena.fd}").startswith("/memfd:aiodcp-arena")
+    arena.close()

@@ -1,0 +1,122 @@
+"""On-disk layout: atomic commit, listing, leftovers, retention, holds, verification."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from aiodcp import CheckpointError, CheckpointExistsError, CheckpointNotFoundError
+from aiodcp import _storage as s
+
+
+def _write_tmp(root: Path, step: int, value: float = 1.0) -> Path:
+    tmp = s.tmp_dir(root, step, "tok")
+    dcp.save({"x": torch.full((4,), value)}, checkpoint_id=tmp, no_dist=True)
+    return tmp
+
+
+def test_only_committed_steps_are_listed(tmp_path: Path) -> None:
+    """Temporary dirs, dirs without .metadata and stray names never count as steps."""
+    _write_tmp(tmp_path, 5)
+    (tmp_path / "step_7").mkdir()  # no .metadata: not a checkpoint
+    (tmp_path / "step_x").mkdir()
+    assert s.list_steps(tmp_path) == []
+    s.commit(tmp_path, _write_tmp(tmp_path, 3), 3, overwrite=False)
+    assert s.list_steps(tmp_path) == [3]
+    assert (tmp_path / "latest").read_text().strip() == "3"
+
+
+def test_commit_refuses_existing_step_unless_overwrite(tmp_path: Path) -> None:
+    s.commit(tmp_path, _write_tmp(tmp_path, 1, 1.0), 1, overwrite=False)
+    tmp = _write_tmp(tmp_path, 1, 2.0)
+    with pytest.raises(CheckpointExistsError):
+        s.commit(tmp_path, tmp, 1, overwrite=False)
+    s.commit(tmp_path, tmp, 1, overwrite=True)
+    out = {"x": torch.zeros(4)}
+    dcp.load(out, checkpoint_id=tmp_path / "step_1", no_dist=True)
+    assert torch.equal(out["x"], torch.full((4,), 2.0))
+    assert not tmp.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".t")] == []
+
+
+def test_commit_refuses_a_directory_without_metadata(tmp_path: Path) -> None:
+    tmp = s.tmp_dir(tmp_path, 1, "t")
+    tmp.mkdir()
+    with pytest.raises(CheckpointError, match="no .metadata"):
+        s.commit(tmp_path, tmp, 1, overwrite=False)
+    assert s.list_steps(tmp_path) == []
+
+
+def test_cleanup_removes_leftovers_and_keeps_committed(tmp_path: Path) -> None:
+    s.commit(tmp_path, _write_tmp(tmp_path, 1), 1, overwrite=False)
+    _write_tmp(tmp_path, 2)
+    (tmp_path / ".trash-step_0-abc").mkdir()
+    removed = s.cleanup_leftovers(tmp_path)
+    assert len(removed) == 2
+    assert s.list_steps(tmp_path) == [1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_1"]
+
+
+@pytest.mark.parametrize(
+    "steps, keep_last, keep_every, victims",
+    [
+        ([1, 2, 3, 4, 5], 2, None, [1, 2, 3]),
+        ([10, 20, 30, 40, 50], 1, 20, [10, 30]),
+        ([1, 2], 5, None, []),
+        ([1, 2, 3], None, None, []),
+        ([0, 5, 10, 15], 1, 10, [5]),
+    ],
+)
+def test_retention_policy(steps: list[int], keep_last: int | None, keep_every: int | None,
+                          victims: list[int]) -> None:
+    assert s.retention_victims(steps, keep_last, keep_every) == victims
+
+
+def test_retention_spares_held_steps_and_reclaims_stale_leases(tmp_path: Path) -> None:
+    """A live lease keeps a step; a lease whose holder died does not."""
+    for step in (1, 2, 3):
+        s.commit(tmp_path, _write_tmp(tmp_path, step), step, overwrite=False)
+    fd = s.hold_step(tmp_path, 1)
+    # a holder that dies while holding step 2
+    code = (
+        "import sys; from pathlib import Path; from aiodcp import _storage as s;"
+        "s.hold_step(Path(sys.argv[1]), 2)"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=60)
+    assert s.apply_retention(tmp_path, 1, None) == [2]
+    assert s.list_steps(tmp_path) == [1, 3]
+    s.release_hold(tmp_path, fd)
+    assert s.apply_retention(tmp_path, 1, None) == [1]
+    assert s.list_steps(tmp_path) == [3]
+    assert list((tmp_path / ".holds").glob("step_*")) == []
+
+
+def test_hold_of_missing_step_is_not_found(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointNotFoundError):
+        s.hold_step(tmp_path, 9)
+
+
+def test_verify_names_missing_and_truncated_files(tmp_path: Path) -> None:
+    path = s.commit(tmp_path, _write_tmp(tmp_path, 1), 1, overwrite=False)
+    s.verify(path)
+    data = next(path.glob("*.distcp"))
+    os.truncate(data, data.stat().st_size - 10)
+    with pytest.raises(CheckpointError, match=rf"{data.name} is truncated"):
+        s.verify(path)
+    data.unlink()
+    with pytest.raises(CheckpointError, match=rf"{data.name} is missing"):
+        s.verify(path)
+
+
+def test_writer_lock_is_exclusive_and_dies_with_its_holder(tmp_path: Path) -> None:
+    lock = s.WriterLock(tmp_path)
+    lock.acquire()
+    with pytest.raises(CheckpointError, match="in use"):
+        s.WriterLock(tmp_path).acquire()
+    lock.release()
+    s.WriterLock(tmp_path).acquire()
