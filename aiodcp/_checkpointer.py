@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import anyio.to_thread
 
 from . import _protocol as p
@@ -320,7 +321,9 @@ class AsyncCheckpointer:
                 if self._worker is not None:
                     await self._worker.shutdown(self.shutdown_timeout)
                 self._tg.cancel_scope.cancel()
-            await self._tg.__aexit__(exc_type, exc, tb)
+            # Our tasks never raise; the body's exception propagates as itself,
+            # not wrapped in an ExceptionGroup.
+            await self._tg.__aexit__(None, None, None)
             with anyio.CancelScope(shield=True):
                 await self._close_resources()
             self._state = "closed"
@@ -425,6 +428,9 @@ class AsyncCheckpointer:
             flat, blob, old_arena = await anyio.to_thread.run_sync(
                 self._stage, state_dict, slot, chosen, overwrite, _cuda_stream()
             )
+            # The copy itself cannot be interrupted; a cancellation that arrived
+            # meanwhile aborts the save here, before anything is sent.
+            await anyio.lowlevel.checkpoint_if_cancelled()
         except BaseException:
             self._reserved.discard(chosen)
             slot.busy = False

@@ -331,14 +331,29 @@ class Daemon:
                 shutil.rmtree(tmp, ignore_errors=True)
                 self.tmp_dirs.discard(tmp)
             cancelled = _is_cancel(exc)
+            if self.stop_reason and self.stop_reason != "terminate":
+                return  # dying (SIGTERM, parent gone): the parent reports our death
+            text = str(exc) or repr(exc)
             if not cancelled:
-                log.warning("save of step %d failed: %s: %s", msg.step, type(exc).__name__, exc)
+                text = self._diagnose(msg) + text
+                log.warning("save of step %d failed: %s: %s", msg.step, type(exc).__name__, text)
             self.send(
-                p.SaveFailed(msg.req_id, type(exc).__name__, str(exc) or repr(exc),
+                p.SaveFailed(msg.req_id, type(exc).__name__, text,
                              traceback.format_exc(), cancelled=cancelled)
             )
         finally:
             self._after_save()
+
+    def _diagnose(self, msg: p.Save) -> str:
+        """A plain-words prefix for errors whose cause DCP's message hides (a full disk)."""
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError:
+            return ""
+        needed = sum(s.nbytes for s in msg.tensors) + len(msg.blob)
+        if free < needed + (1 << 20):
+            return f"no space left on device ({free} bytes free in {self.root}, save needs ~{needed}): "
+        return ""
 
     def _write(self, req: _Request, tmp: Path) -> tuple[Any, int]:
         import torch.distributed.checkpoint as dcp

@@ -213,6 +213,8 @@ class Worker:
         if not self.terminating:
             log.warning("checkpoint daemon pid %d %s", self.pid, describe_exit(self.returncode))
         self.on_exit(self)
+        with anyio.CancelScope(shield=True):
+            await self.stream.aclose()
 
     # ------------------------------------------------------------------ API
     @property

@@ -1,0 +1,237 @@
+"""Faults and cancellation, by really killing and cancelling things."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+import torch
+
+import aiodcp
+from aiodcp import CheckpointCancelledError, SaveFailedError, WorkerDiedError
+
+from .conftest import REPO, daemon_pids
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture
+def slow_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each write item in the daemon sleeps 0.15 s, so persists last long enough to hit."""
+    monkeypatch.setenv("AIODCP_TEST_SLOW_WRITE", "0.15")
+
+
+def _state(value: float = 1.0, n: int = 8) -> dict:
+    return {f"t{i}": torch.full((1000,), value + i) for i in range(n)}
+
+
+def _litter(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.startswith((".tmp", ".trash")))
+
+
+async def _load(root: Path, step: int, n: int = 8) -> dict:
+    out = _state(-1, n)
+    await aiodcp.load(out, root, step=step)
+    return out
+
+
+async def test_sigkill_mid_persist_fails_the_handle_and_a_new_daemon_takes_over(
+    root: Path, slow_write: None
+) -> None:
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:
+        await (await ckpt.save(_state(1.0)))
+        handle = await ckpt.save(_state(2.0))
+        pid = ckpt.worker_pid
+        assert pid is not None
+        await anyio.sleep(0.3)
+        os.kill(pid, signal.SIGKILL)
+        t0 = time.perf_counter()
+        with pytest.raises(WorkerDiedError, match="SIGKILL") as info:
+            await handle
+        assert time.perf_counter() - t0 < 1.0
+        assert info.value.step == 1 and info.value.returncode == -signal.SIGKILL
+        assert await ckpt.steps() == [0]
+        again = await ckpt.save(_state(3.0))  # a fresh daemon, transparently
+        assert ckpt.worker_pid not in (None, pid)
+        assert (await again).step == 1
+        assert _litter(root) == []
+    assert torch.equal((await _load(root, 1))["t0"], torch.full((1000,), 3.0))
+
+
+async def test_handle_cancel_while_persisting_publishes_nothing(root: Path, slow_write: None) -> None:
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:
+        pid = ckpt.worker_pid
+        handle = await ckpt.save(_state())
+        await anyio.sleep(0.2)
+        assert handle.cancel()
+        with pytest.raises(CheckpointCancelledError):
+            await handle
+        assert await ckpt.steps() == [] and _litter(root) == []
+        assert not handle.cancel()  # already finished
+        assert ckpt.worker_pid == pid
+        assert (await (await ckpt.save(_state(), step=0))).step == 0
+        await ckpt.wait()  # a cancellation the caller asked for is not re-raised
+
+
+async def test_cancelling_a_waiter_does_not_cancel_the_save(root: Path, slow_write: None) -> None:
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:
+        handle = await ckpt.save(_state())
+        with anyio.move_on_after(0.1) as scope:
+            await handle
+        assert scope.cancelled_caught and not handle.done()
+        assert (await handle).step == 0
+
+
+async def test_cancelling_save_while_staging_aborts_it(root: Path) -> None:
+    """The copy is big enough that a 5 ms deadline lands inside staging."""
+    big = {f"t{i}": torch.randn(4 * 1024 * 1024) for i in range(8)}  # 128 MiB
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:
+        pid = ckpt.worker_pid
+        with anyio.move_on_after(0.005) as scope:
+            await ckpt.save(big)
+            pytest.fail("save() should have been cancelled while staging")
+        assert scope.cancelled_caught
+        await ckpt.wait()
+        assert await ckpt.steps() == [] and _litter(root) == []
+        assert ckpt.worker_pid == pid
+        assert (await (await ckpt.save(_state()))).step == 0
+
+
+async def test_exit_by_exception_cancels_in_flight_saves(root: Path, slow_write: None) -> None:
+    with pytest.raises(RuntimeError, match="training crashed"):
+        async with aiodcp.AsyncCheckpointer(root, shutdown_timeout=10) as ckpt:
+            pid = ckpt.worker_pid
+            handle = await ckpt.save(_state())
+            raise RuntimeError("training crashed")
+    with pytest.raises(CheckpointCancelledError):
+        await handle
+    assert pid not in daemon_pids()
+    assert await anyio.to_thread.run_sync(lambda: [p.name for p in root.iterdir()
+                                                   if p.name.startswith("step_")]) == []
+
+
+async def test_sigterm_to_the_daemon_aborts_cleanly_and_reports_death(
+    root: Path, slow_write: None
+) -> None:
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:
+        handle = await ckpt.save(_state())
+        await anyio.sleep(0.3)
+        assert ckpt.worker_pid is not None
+        os.kill(ckpt.worker_pid, signal.SIGTERM)
+        with pytest.raises(WorkerDiedError, match="SIGTERM"):
+            await handle
+        assert await ckpt.steps() == [] and _litter(root) == []
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
+                       capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+async def test_disk_full_fails_the_save_keeps_older_steps_and_the_daemon(tiny_fs: Path) -> None:
+    root = tiny_fs / "ckpt"
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:
+        pid = ckpt.worker_pid
+        await (await ckpt.save({"x": torch.ones(1000)}))
+        with pytest.raises(SaveFailedError) as info:
+            await (await ckpt.save({"x": torch.ones(2_000_000)}))  # 8 MB on a 3 MB disk
+        assert "no space left on device" in str(info.value)
+        assert await ckpt.steps() == [0] and _litter(root) == []
+        assert ckpt.worker_pid == pid
+        assert (await (await ckpt.save({"x": torch.zeros(1000)}))).step == 1
+    out = {"x": torch.zeros(1000)}
+    assert await aiodcp.load(out, root, step=0) == 0 and torch.equal(out["x"], torch.ones(1000))
+
+
+async def test_damaged_checkpoint_never_loads_silently(root: Path) -> None:
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:
+        path = (await (await ckpt.save(_state()))).path
+    data = next(path.glob("*.distcp"))
+    data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(aiodcp.CheckpointError, match="truncated"):
+        await aiodcp.load(_state(), root)
+
+
+PARENT = """
+import asyncio, os, sys, torch, aiodcp
+async def main():
+    async with aiodcp.AsyncCheckpointer(sys.argv[1]) as ckpt:
+        await (await ckpt.save({"x": torch.ones(1000)}))
+        await ckpt.save({f"t{i}": torch.ones(1000) for i in range(50)})
+        print(ckpt.worker_pid, flush=True)
+        await asyncio.sleep(60)
+asyncio.run(main())
+"""
+
+
+async def test_trainer_sigkill_daemon_exits_and_next_start_is_clean(
+    root: Path, slow_write: None
+) -> None:
+    """Kill -9 the trainer mid-save: its daemon exits within 5 s; the next checkpointer
+    sees only committed steps, removes the leftovers and resumes from the latest."""
+    proc = await anyio.open_process([sys.executable, "-c", PARENT, str(root)],
+                                    stderr=subprocess.DEVNULL)
+    async with proc:
+        assert proc.stdout is not None
+        line = b""
+        with anyio.fail_after(60):
+            async for chunk in proc.stdout:
+                line += chunk
+                if b"\n" in line:
+                    break
+        daemon = int(line)
+        await anyio.sleep(0.3)
+        assert await anyio.to_thread.run_sync(_litter, root) != []  # mid-save
+        proc.kill()
+        await proc.wait()
+    t0 = time.perf_counter()
+    while daemon in daemon_pids():
+        assert time.perf_counter() - t0 < 5.0, "daemon outlived its parent by 5 s"
+        await anyio.sleep(0.05)
+    assert await anyio.to_thread.run_sync(lambda: sorted(os.listdir("/dev/shm"))) == sorted(
+        os.listdir("/dev/shm"))
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:
+        assert await ckpt.steps() == [0]
+        assert await anyio.to_thread.run_sync(_litter, root) == []
+        out = {"x": torch.zeros(1000)}
+        assert await ckpt.load(out) == 0 and torch.equal(out["x"], torch.ones(1000))
+
+
+async def test_random_sigkills_never_publish_a_partial(root: Path, slow_write: None) -> None:
+    """Kill the daemon at random moments across many saves; after each: every committed
+    step loads bit-exact, nothing partial is listed, and the next save works."""
+    rng = random.Random(1234)
+    expected: dict[int, float] = {}
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:
+        for i in range(6):
+            value = float(i * 10)
+            handle = await ckpt.save(_state(value, n=4), step=i)
+            pid = ckpt.worker_pid
+            assert pid is not None
+            await anyio.sleep(rng.uniform(0.0, 0.8))
+            os.kill(pid, signal.SIGKILL)
+            try:
+                await handle
+                expected[i] = value  # committed before the kill
+            except WorkerDiedError:
+                pass
+            assert await ckpt.steps() == sorted(expected)
+            for step, v in expected.items():
+                out = await _load(root, step, n=4)
+                assert all(torch.equal(out[f"t{j}"], torch.full((1000,), v + j)) for j in range(4))
+    assert _litter(root) == []
+    assert not any(p in daemon_pids() for p in [pid])
