@@ -229,6 +229,9 @@ async def test_random_sigkills_never_publish_a_partial(root: Path, slow_write: N
                 expected[i] = value  # committed before the kill
             except WorkerDiedError:
                 pass
+            with anyio.fail_after(1):  # the death is noticed even when no save was pending
+                while ckpt.worker_pid == pid:
+                    await anyio.sleep(0.01)
             assert await ckpt.steps() == sorted(expected)
             for step, v in expected.items():
                 out = await _load(root, step, n=4)
