@@ -343,6 +343,8 @@ class AsyncCheckpointer:
                     slot.arena.close()
                     slot.arena = None
             if self._lock is not None:
+                # no daemon runs now: whatever temporaries are left are litter
+                _storage.cleanup_leftovers(self.root)
                 self._lock.release()
                 self._lock = None
 
@@ -573,9 +575,7 @@ class AsyncCheckpointer:
             self._fail(handle, self._died_error(worker, handle.step))
         if self._worker is worker:
             worker.arenas.clear()
-        if self.rank == 0 and not worker.terminating and self._tg is not None:
-            # the dead daemon's temporaries are litter: remove them now
-            self._tg.start_soon(anyio.to_thread.run_sync, _storage.cleanup_leftovers, self.root)
+
 
     def _emit(self, handle: SaveHandle, phase: Any, written: int, total: int) -> None:
         if self.on_event is None:
