@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Mapping
 from dataclasses import dataclass
@@ -277,8 +276,9 @@ class AsyncCheckpointer:
         except BaseException:
             self._state = "closing"
             self._tg.cancel_scope.cancel()
-            await self._tg.__aexit__(*sys.exc_info())
-            await self._close_resources()
+            await self._tg.__aexit__(None, None, None)
+            with anyio.CancelScope(shield=True):
+                await self._close_resources()
             raise
         return self
 

@@ -1,0 +1,52 @@
+"""Two real ranks on GLOO over loopback (torchrun), each with its own daemon."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import REPO, run_script
+
+WORKER = REPO / "tests" / "multirank_worker.py"
+
+ONE_RANK = """
+import asyncio, sys, torch, aiodcp
+async def main():
+    async with aiodcp.AsyncCheckpointer(sys.argv[1]) as ckpt:
+        await (await ckpt.save({"w": torch.arange(64.0).reshape(8, 8)}))
+asyncio.run(main())
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("mode", ["fresh-port", "prefix"])
+def test_two_ranks(tmp_path: Path, mode: str) -> None:
+    """DTensor save read back by plain dcp.load, 2-rank load, cancel agreement, retention,
+    1-rank checkpoint into 2 ranks; in prefix mode also a clean start-up failure."""
+    one = tmp_path / "one"
+    r = run_script(ONE_RANK, str(one))
+    assert r.returncode == 0, r.stderr
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+        str(WORKER), str(tmp_path / "ckpt"), str(one), mode,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=220, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    expected = ["dtensor-save-plain-load", "two-rank-load", "cancel-agreement", "retention",
+                "one-rank-into-two"] + (["init-failure"] if mode == "prefix" else [])
+    for name in expected:
+        assert f"OK {name}" in proc.stdout, out[-6000:]
+    assert torch.__version__
