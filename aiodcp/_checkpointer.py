@@ -209,8 +209,11 @@ class AsyncCheckpointer:
             raise ValueError(f"keep_last must be an int >= 1 or None, got {keep_last!r}")
         if keep_every is not None and (not isinstance(keep_every, int) or keep_every < 1):
             raise ValueError(f"keep_every must be an int >= 1 or None, got {keep_every!r}")
-        for name, value in (("init_timeout", init_timeout), ("shutdown_timeout", shutdown_timeout),
-                            ("collective_timeout", collective_timeout)):
+        for name, value in (
+            ("init_timeout", init_timeout),
+            ("shutdown_timeout", shutdown_timeout),
+            ("collective_timeout", collective_timeout),
+        ):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
         self.root = Path(root).absolute()
@@ -333,8 +336,12 @@ class AsyncCheckpointer:
 
     async def _close_resources(self) -> None:
         for handle in list(self._pending.values()):
-            handle._finish(None, CheckpointCancelledError(
-                f"save of step {handle.step} cancelled: checkpointer closed", step=handle.step))
+            handle._finish(
+                None,
+                CheckpointCancelledError(
+                    f"save of step {handle.step} cancelled: checkpointer closed", step=handle.step
+                ),
+            )
         self._pending.clear()
 
         def close() -> None:
@@ -353,7 +360,8 @@ class AsyncCheckpointer:
     def _check_open(self) -> None:
         if self._state != "open":
             raise RuntimeError(
-                "AsyncCheckpointer is not open: use it as `async with AsyncCheckpointer(...) as ckpt`"
+                "AsyncCheckpointer is not open: "
+                "use it as `async with AsyncCheckpointer(...) as ckpt`"
             )
 
     async def _ensure_worker(self) -> Worker:
@@ -488,13 +496,22 @@ class AsyncCheckpointer:
         return step
 
     def _skipped(self, step: int | None, t0: float) -> SaveHandle:
-        chosen = step if step is not None else max(self._high_step, max(self._reserved, default=-1)) + 1
+        chosen = (
+            step if step is not None else max(self._high_step, max(self._reserved, default=-1)) + 1
+        )
         handle = SaveHandle(None, chosen, -1)
         handle._observed = True
         self._emit(handle, "skipped", 0, 0)
         handle._finish(
-            SaveResult(chosen, _storage.step_dir(self.root, chosen), None, 0,
-                       time.perf_counter() - t0, 0.0, skipped=True),
+            SaveResult(
+                chosen,
+                _storage.step_dir(self.root, chosen),
+                None,
+                0,
+                time.perf_counter() - t0,
+                0.0,
+                skipped=True,
+            ),
             None,
         )
         return handle
@@ -508,7 +525,9 @@ class AsyncCheckpointer:
         if isinstance(msg, p.Progress):
             h = self._pending.get(msg.req_id)
             if h is not None:
-                phase: Literal["writing", "written"] = "written" if msg.phase == "written" else "writing"
+                phase: Literal["writing", "written"] = (
+                    "written" if msg.phase == "written" else "writing"
+                )
                 self._emit(h, phase, msg.bytes_written, msg.total_bytes)
             return
         if not isinstance(msg, (p.Saved, p.SaveFailed)):
@@ -534,7 +553,8 @@ class AsyncCheckpointer:
             error: CheckpointError
             if msg.cancelled:
                 error = CheckpointCancelledError(
-                    f"save of step {handle.step} was cancelled ({msg.message}); nothing was published",
+                    f"save of step {handle.step} was cancelled ({msg.message}); "
+                    "nothing was published",
                     step=handle.step,
                 )
             else:
@@ -576,13 +596,13 @@ class AsyncCheckpointer:
         if self._worker is worker:
             worker.arenas.clear()
 
-
     def _emit(self, handle: SaveHandle, phase: Any, written: int, total: int) -> None:
         if self.on_event is None:
             return
         try:
-            self.on_event(SaveEvent(handle.step, phase, written, total,
-                                    time.perf_counter() - handle._t0))
+            self.on_event(
+                SaveEvent(handle.step, phase, written, total, time.perf_counter() - handle._t0)
+            )
         except Exception:
             log.exception("on_event callback failed")
 
@@ -595,7 +615,9 @@ class AsyncCheckpointer:
         """
         for handle in list(self._pending.values()):
             await handle._event.wait()
-        failures = [h for h in self._handles if h.done() and h._error is not None and not h._observed]
+        failures = [
+            h for h in self._handles if h.done() and h._error is not None and not h._observed
+        ]
         for h in failures:
             h._observed = True
         self._handles = [h for h in self._handles if not h.done()]
@@ -616,7 +638,9 @@ class AsyncCheckpointer:
         self._check_open()
         return await load_checkpoint(state_dict, self.root, step=step, group=self._group)
 
-    def watch(self, *, include_latest: bool = False, poll_interval: float = 0.5) -> AsyncIterator[int]:
+    def watch(
+        self, *, include_latest: bool = False, poll_interval: float = 0.5
+    ) -> AsyncIterator[int]:
         """``aiodcp.watch`` on this checkpointer's root."""
         return watch(self.root, include_latest=include_latest, poll_interval=poll_interval)
 
@@ -633,6 +657,6 @@ def _check_step(step: object) -> None:
 def _cuda_stream() -> Any:
     import torch
 
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         return torch.cuda.current_stream()
     return None

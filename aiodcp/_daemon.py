@@ -42,10 +42,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from torch.distributed.checkpoint import DefaultSavePlanner
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from . import _protocol as p
 from . import _storage
+from ._errors import ProtocolError
 from ._protocol import DaemonConfig as Config
 from ._staging import MeshSpec, PickledLeaf, map_arena, rebuild
 
@@ -118,7 +119,7 @@ class Daemon:
             try:
                 self.sock.sendall(self.conn.send(msg))
                 return True
-            except (OSError, p.ProtocolError):
+            except (OSError, ProtocolError):
                 self.broken = True
                 return False
 
@@ -137,10 +138,10 @@ class Daemon:
             try:
                 with self.lock:
                     self.conn.receive_data(data)
-                    events = []
+                    events: list[p.Message | p.Closed] = []
                     while True:
                         ev = self.conn.next_event()
-                        if ev is p.NEED_DATA:
+                        if isinstance(ev, p._NeedData):
                             break
                         events.append(ev)
                         if isinstance(ev, p.Closed):
@@ -149,7 +150,7 @@ class Daemon:
                     if isinstance(ev, p.Closed):
                         return self._halt("parent closed the channel")
                     self._dispatch(ev)
-            except p.ProtocolError as exc:
+            except ProtocolError as exc:
                 log.error("protocol error from parent: %s", exc)
                 return self._halt(f"protocol error: {exc}")
 
@@ -167,9 +168,9 @@ class Daemon:
             self.requests[msg.req_id] = req
             self.todo.put(req)
         elif isinstance(msg, p.Cancel):
-            req = self.requests.get(msg.req_id)
-            if req is not None:
-                req.cancel.set()
+            target = self.requests.get(msg.req_id)
+            if target is not None:
+                target.cancel.set()
         elif isinstance(msg, p.Terminate):
             self.todo.put(None)
 
@@ -190,10 +191,14 @@ class Daemon:
         store: Any
         timeout = timedelta(seconds=cfg.init_timeout)
         if cfg.use_prefix_store:
-            base = dist.TCPStore(cfg.master_addr, cfg.master_port, is_master=False, timeout=timeout)
-            store = dist.PrefixStore(f"aiodcp/{cfg.token}/", base)
+            base = dist.TCPStore(  # type: ignore[attr-defined]
+                cfg.master_addr, cfg.master_port, is_master=False, timeout=timeout
+            )
+            store = dist.PrefixStore(  # type: ignore[attr-defined]
+                f"aiodcp/{cfg.token}/", base
+            )
         else:
-            store = dist.TCPStore(
+            store = dist.TCPStore(  # type: ignore[attr-defined]
                 cfg.master_addr,
                 cfg.master_port,
                 cfg.world_size,
@@ -223,8 +228,13 @@ class Daemon:
         return self.meshes[key]
 
     def run(self) -> int:
-        log.info("daemon pid %d serving %s (rank %d/%d)", os.getpid(), self.root,
-                 self.cfg.rank, self.cfg.world_size)
+        log.info(
+            "daemon pid %d serving %s (rank %d/%d)",
+            os.getpid(),
+            self.root,
+            self.cfg.rank,
+            self.cfg.world_size,
+        )
         try:
             if self.cfg.world_size > 1:
                 self.init_group()
@@ -269,11 +279,12 @@ class Daemon:
     # ------------------------------------------------------------------ saves
     def _saver(self) -> None:
         while True:
-            req = self.todo.get()
-            if req is None:
+            item = self.todo.get()
+            if item is None:
                 self.stop_reason = self.stop_reason or "terminate"
                 self.stop.set()
                 return
+            req = item
             self.current = req
             try:
                 self._save(req)
@@ -320,11 +331,18 @@ class Daemon:
             self.tmp_dirs.discard(tmp)
             path = _storage.step_dir(self.root, msg.step)
             self.send(
-                p.Saved(msg.req_id, msg.step, str(path), nbytes, time.perf_counter() - t0,
-                        blob=pickle.dumps(metadata))
+                p.Saved(
+                    msg.req_id,
+                    msg.step,
+                    str(path),
+                    nbytes,
+                    time.perf_counter() - t0,
+                    blob=pickle.dumps(metadata),
+                )
             )
-            log.info("step %d committed (%d bytes, %.3fs)", msg.step, nbytes,
-                     time.perf_counter() - t0)
+            log.info(
+                "step %d committed (%d bytes, %.3fs)", msg.step, nbytes, time.perf_counter() - t0
+            )
             self._retain()
         except BaseException as exc:
             if tmp is not None:
@@ -338,8 +356,13 @@ class Daemon:
                 text = self._diagnose(msg) + text
                 log.warning("save of step %d failed: %s: %s", msg.step, type(exc).__name__, text)
             self.send(
-                p.SaveFailed(msg.req_id, type(exc).__name__, text,
-                             traceback.format_exc(), cancelled=cancelled)
+                p.SaveFailed(
+                    msg.req_id,
+                    type(exc).__name__,
+                    text,
+                    traceback.format_exc(),
+                    cancelled=cancelled,
+                )
             )
         finally:
             self._after_save()
@@ -352,11 +375,15 @@ class Daemon:
             return ""
         needed = sum(s.nbytes for s in msg.tensors) + len(msg.blob)
         if free < needed + (1 << 20):
-            return f"no space left on device ({free} bytes free in {self.root}, save needs ~{needed}): "
+            return (
+                f"no space left on device ({free} bytes free in {self.root}, "
+                f"save needs ~{needed}): "
+            )
         return ""
 
     def _write(self, req: _Request, tmp: Path) -> tuple[Any, int]:
-        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.filesystem import FileSystemWriter
+        from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
         msg = req.msg
         mm = self.arenas[msg.arena_id]
@@ -364,10 +391,10 @@ class Daemon:
         state = rebuild(skeleton, msg.tensors, mm, self.mesh)
         total = sum(s.nbytes for s in msg.tensors)
         planner = _Planner(req, self, total)
-        writer = dcp.FileSystemWriter(
+        writer = FileSystemWriter(
             tmp, thread_count=self.cfg.thread_count, sync_files=self.cfg.sync_files
         )
-        metadata = dcp.save(
+        metadata = dcp_save(
             state,
             storage_writer=writer,
             planner=planner,
@@ -457,8 +484,12 @@ class _Planner(DefaultSavePlanner):
         if final or now - self._last > 0.1:
             self._last = now
             self._daemon.send(
-                p.Progress(self._req.msg.req_id, "written" if final else "writing",
-                           self._total if final else min(self._written, self._total), self._total)
+                p.Progress(
+                    self._req.msg.req_id,
+                    "written" if final else "writing",
+                    self._total if final else min(self._written, self._total),
+                    self._total,
+                )
             )
 
 

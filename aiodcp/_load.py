@@ -15,6 +15,11 @@ from . import _storage
 from ._dist import Group, broadcast_int, resolve_group
 from ._errors import CheckpointError, CheckpointNotFoundError
 
+
+def _abspath(root: str | os.PathLike[str]) -> Path:
+    return Path(os.path.abspath(root))
+
+
 __all__ = ["hold", "load", "load_checkpoint"]
 
 
@@ -30,7 +35,7 @@ def _resolve_step(root: Path, step: int | None) -> int:
 
 
 def _load_blocking(state_dict: Any, root: Path, step: int | None, group: Group) -> int:
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
     from ._checkpointer import _check_step
 
@@ -46,7 +51,8 @@ def _load_blocking(state_dict: Any, root: Path, step: int | None, group: Group) 
         chosen = broadcast_int(group, mine)
         if chosen is None or chosen < 0:
             raise CheckpointNotFoundError(
-                f"no committed checkpoint in {root}" if step is None
+                f"no committed checkpoint in {root}"
+                if step is None
                 else f"step {step} is not committed in {root}"
             )
         step = chosen
@@ -57,7 +63,7 @@ def _load_blocking(state_dict: Any, root: Path, step: int | None, group: Group) 
     try:
         _storage.verify(path)
         try:
-            dcp.load(
+            dcp_load(
                 state_dict,
                 checkpoint_id=path,
                 process_group=group.pg if group.distributed else None,
@@ -104,7 +110,7 @@ async def load(
         CheckpointError: the checkpoint is damaged (the missing or short file is named).
     """
     return await load_checkpoint(
-        state_dict, Path(root).absolute(), step=step, group=resolve_group(process_group)
+        state_dict, _abspath(root), step=step, group=resolve_group(process_group)
     )
 
 
@@ -118,7 +124,7 @@ async def hold(root: str | os.PathLike[str], step: int) -> AsyncIterator[int]:
     Raises:
         CheckpointNotFoundError: the step is not committed (or was just deleted).
     """
-    path = Path(root).absolute()
+    path = _abspath(root)
     fd = await anyio.to_thread.run_sync(_storage.hold_step, path, step)
     try:
         yield step

@@ -270,7 +270,6 @@ class DaemonConfig:
     log_level: int = 20
 
 
-
 # ---------------------------------------------------------------------- framing
 def _to_json(value: Any) -> Any:
     if isinstance(value, TensorSpec):
@@ -458,7 +457,9 @@ class Connection:
     def _apply(self, msg: Message, sender: Role) -> None:
         kind = msg.KIND
         if self.state is State.CLOSED or kind not in _ALLOWED[(self.state, sender)]:
-            raise ProtocolError(f"{sender.value} may not send {kind.name} in state {self.state.name}")
+            raise ProtocolError(
+                f"{sender.value} may not send {kind.name} in state {self.state.name}"
+            )
         if isinstance(msg, Hello):
             if msg.version != PROTOCOL_VERSION:
                 raise ProtocolError(f"daemon speaks protocol {msg.version}")

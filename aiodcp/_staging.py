@@ -117,14 +117,14 @@ def flatten(state_dict: Mapping[str, Any]) -> Flat:
         nonlocal leaf_bytes
         if isinstance(value, torch.Tensor):
             if dtensor_cls is not None and isinstance(value, dtensor_cls):
-                local = value.to_local()
+                local = value.to_local()  # type: ignore[attr-defined]
                 tensors.append(local)
                 paths.append(path)
-                mesh = value.device_mesh
+                mesh = value.device_mesh  # type: ignore[attr-defined]
                 return DTensorSlot(
                     index=len(tensors) - 1,
                     mesh=MeshSpec(mesh.device_type, mesh.mesh.tolist(), mesh.mesh_dim_names),
-                    placements=tuple(value.placements),
+                    placements=tuple(value.placements),  # type: ignore[attr-defined]
                     shape=tuple(value.shape),
                     stride=tuple(value.stride()),
                 )
@@ -169,7 +169,7 @@ def flatten(state_dict: Mapping[str, Any]) -> Flat:
 
 def _rebuild_container(original: Mapping[str, Any], items: dict[str, Any]) -> Any:
     try:
-        return type(original)(items)
+        return type(original)(items)  # type: ignore[call-arg]
     except Exception:
         return items
 
@@ -235,7 +235,8 @@ class Arena:
     def pin(self) -> None:
         """Page-lock the arena for asynchronous device-to-host copies (CUDA)."""
         if not self.pinned and torch.cuda.is_available():
-            rc = torch.cuda.cudart().cudaHostRegister(self.base.data_ptr(), self.base.numel(), 0)
+            cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
+            rc = cudart.cudaHostRegister(self.base.data_ptr(), self.base.numel(), 0)
             if int(rc) != 0:
                 raise RuntimeError(f"cudaHostRegister failed with {rc}")
             self.pinned = True
@@ -258,7 +259,9 @@ class Arena:
 
     def _stage_cuda(self, flat: Flat, indices: list[int], stream: Any) -> None:
         self.pin()
-        side = torch.cuda.Stream(device=flat.tensors[indices[0]].device)
+        side = torch.cuda.Stream(  # type: ignore[no-untyped-call]
+            device=flat.tensors[indices[0]].device
+        )
         if stream is not None:
             side.wait_stream(stream)
         with torch.cuda.stream(side):
@@ -271,7 +274,9 @@ class Arena:
 
     def close(self) -> None:
         if self.pinned:
-            torch.cuda.cudart().cudaHostUnregister(self.base.data_ptr())
+            torch.cuda.cudart().cudaHostUnregister(  # type: ignore[no-untyped-call]
+                self.base.data_ptr()
+            )
             self.pinned = False
         if self.fd >= 0:
             os.close(self.fd)
@@ -286,9 +291,7 @@ class Arena:
 
 
 # --------------------------------------------------------------- daemon side
-_DTYPES = {
-    str(v): v for v in vars(torch).values() if isinstance(v, torch.dtype)
-}
+_DTYPES = {str(v): v for v in vars(torch).values() if isinstance(v, torch.dtype)}
 
 
 def dtype_from_name(name: str) -> torch.dtype:

@@ -20,6 +20,11 @@ import anyio.to_thread
 
 from . import _storage
 
+
+def _abspath(root: str | os.PathLike[str]) -> Path:
+    return Path(os.path.abspath(root))
+
+
 __all__ = ["notify_commit", "watch"]
 
 _waiters: dict[Path, set[Any]] = {}
@@ -43,7 +48,9 @@ def _inotify(root: Path) -> int | None:
         fd = int(libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC))
         if fd < 0:
             return None
-        wd = libc.inotify_add_watch(fd, os.fsencode(root), _IN_MOVED_TO | _IN_CREATE | _IN_CLOSE_WRITE)
+        wd = libc.inotify_add_watch(
+            fd, os.fsencode(root), _IN_MOVED_TO | _IN_CREATE | _IN_CLOSE_WRITE
+        )
         if wd < 0:
             os.close(fd)
             return None
@@ -70,7 +77,7 @@ async def watch(
     ``include_latest=True`` yields that one first. Only committed steps are
     ever yielded. Stop by breaking out of the loop (or cancelling it).
     """
-    path = Path(root).absolute()
+    path = _abspath(root)
     event = anyio.Event()
     _waiters.setdefault(path, set()).add(event)
     fd = await anyio.to_thread.run_sync(_inotify, path)

@@ -19,14 +19,13 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from . import _protocol as p
-from ._errors import CheckpointError, WorkerDiedError
+from ._errors import CheckpointError, ProtocolError, WorkerDiedError
 
 log = logging.getLogger("aiodcp")
 _daemon_log = logging.getLogger("aiodcp.daemon")
@@ -172,7 +171,7 @@ class Worker:
                         return
                     assert isinstance(ev, p.Message)
                     self._handle(ev)
-        except p.ProtocolError as exc:
+        except ProtocolError as exc:
             log.error("protocol error from daemon pid %d: %s; killing it", self.pid, exc)
             self._kill_now()
 
@@ -203,7 +202,7 @@ class Worker:
                         await self.stream.send_fds(frame, [fd])
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                     return  # the exit watcher reports the death
-                except p.ProtocolError as exc:  # pragma: no cover - a bug in the parent
+                except ProtocolError as exc:  # pragma: no cover - a bug in the parent
                     log.error("refusing to send %r: %s", msg, exc)
 
     async def _watch_exit(self) -> None:
@@ -245,17 +244,18 @@ class Worker:
             await self.exited.wait()
             await self.stream.aclose()
 
-    async def shutdown(self, timeout: float) -> None:
-        """Terminate -> wait ``timeout`` -> SIGTERM -> 5 s -> SIGKILL -> reap. Shielded."""
+    async def shutdown(self, grace: float) -> None:
+        """Terminate -> wait ``grace`` -> SIGTERM -> 5 s -> SIGKILL -> reap. Shielded."""
         with anyio.CancelScope(shield=True):
             self.terminating = True
             if not self.exited.is_set():
                 self.send(p.Terminate())
-                with anyio.move_on_after(timeout):
+                with anyio.move_on_after(grace):
                     await self.exited.wait()
             if not self.exited.is_set():
-                log.warning("daemon pid %d ignored Terminate for %.1fs; sending SIGTERM",
-                            self.pid, timeout)
+                log.warning(
+                    "daemon pid %d ignored Terminate for %.1fs; sending SIGTERM", self.pid, grace
+                )
                 try:
                     self.process.terminate()
                 except ProcessLookupError:  # pragma: no cover

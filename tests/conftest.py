@@ -53,8 +53,13 @@ def daemon_pids() -> set[int]:
     return out
 
 
-def run_script(code: str, *args: str, timeout: float = 90, env: dict[str, str] | None = None,
-               cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_script(
+    code: str,
+    *args: str,
+    timeout: float = 90,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run ``code`` as a fresh Python script (no pytest, no __main__ guard needed)."""
     return subprocess.run(
         [sys.executable, "-c", code, *args],

@@ -37,19 +37,27 @@ async def main() -> None:
         assert None not in pids and pids[0] != pids[1], pids
 
         # a DTensor sharded over both ranks plus a replicated plain tensor
-        state = {"dt": distribute_tensor(FULL, mesh, [Shard(0)]), "rep": torch.full((3,), 5.0),
-                 "meta": {"epoch": 7}}
+        state = {
+            "dt": distribute_tensor(FULL, mesh, [Shard(0)]),
+            "rep": torch.full((3,), 5.0),
+            "meta": {"epoch": 7},
+        }
         result = await (await ckpt.save(state, step=0))
         assert result.step == 0 and result.path.name == "step_0"
         dist.barrier()
         if rank == 0:  # plain DCP on one rank reads the global tensor
             plain = {"dt": torch.zeros(8, 8), "rep": torch.zeros(3), "meta": {"epoch": -1}}
             dcp.load(plain, checkpoint_id=result.path, no_dist=True)
-            assert torch.equal(plain["dt"], FULL) and torch.equal(plain["rep"], torch.full((3,), 5.0))
+            assert torch.equal(plain["dt"], FULL) and torch.equal(
+                plain["rep"], torch.full((3,), 5.0)
+            )
             assert plain["meta"]["epoch"] == 7
         ok("dtensor-save-plain-load")
 
-        target = {"dt": distribute_tensor(torch.zeros(8, 8), mesh, [Shard(0)]), "rep": torch.zeros(3)}
+        target = {
+            "dt": distribute_tensor(torch.zeros(8, 8), mesh, [Shard(0)]),
+            "rep": torch.zeros(3),
+        }
         assert await ckpt.load(target) == 0
         assert torch.equal(target["dt"].to_local(), FULL.chunk(2)[rank])
         ok("two-rank-load")
@@ -89,7 +97,9 @@ async def main() -> None:
         os.environ["MASTER_PORT"] = "1"  # nothing listens there
         t0 = time.perf_counter()
         try:
-            async with aiodcp.AsyncCheckpointer(root + "-bad", use_prefix_store=True, init_timeout=3):
+            async with aiodcp.AsyncCheckpointer(
+                root + "-bad", use_prefix_store=True, init_timeout=3
+            ):
                 raise AssertionError("start-up should have failed")
         except aiodcp.CheckpointError as exc:
             assert time.perf_counter() - t0 < 20, time.perf_counter() - t0

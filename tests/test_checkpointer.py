@@ -40,9 +40,15 @@ async def test_save_returns_once_staged_and_commits_plain_dcp(root: Path) -> Non
         state["big"].mul_(0).add_(7)  # train on
         result = await handle
         assert handle.done() and result.step == 100 and not result.skipped
-        assert result.path == root.absolute() / "step_100"
-        assert result.nbytes == sum(t.nbytes for t in [state["big"], state["opt"]["moments"][0],
-                                                       *state["model"].state_dict().values()])
+        assert result.path == ckpt.root / "step_100"
+        assert result.nbytes == sum(
+            t.nbytes
+            for t in [
+                state["big"],
+                state["opt"]["moments"][0],
+                *state["model"].state_dict().values(),
+            ]
+        )
         assert result.stage_seconds > 0 and result.persist_seconds > 0
         assert "big" in result.metadata.state_dict_metadata
         assert await ckpt.steps() == [100]

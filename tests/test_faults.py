@@ -17,7 +17,7 @@ import torch
 import aiodcp
 from aiodcp import CheckpointCancelledError, SaveFailedError, WorkerDiedError
 
-from .conftest import REPO, daemon_pids
+from .conftest import daemon_pids
 
 pytestmark = pytest.mark.asyncio
 
@@ -65,7 +65,9 @@ async def test_sigkill_mid_persist_fails_the_handle_and_a_new_daemon_takes_over(
     assert torch.equal((await _load(root, 1))["t0"], torch.full((1000,), 3.0))
 
 
-async def test_handle_cancel_while_persisting_publishes_nothing(root: Path, slow_write: None) -> None:
+async def test_handle_cancel_while_persisting_publishes_nothing(
+    root: Path, slow_write: None
+) -> None:
     async with aiodcp.AsyncCheckpointer(root) as ckpt:
         pid = ckpt.worker_pid
         handle = await ckpt.save(_state())
@@ -113,8 +115,12 @@ async def test_exit_by_exception_cancels_in_flight_saves(root: Path, slow_write:
     with pytest.raises(CheckpointCancelledError):
         await handle
     assert pid not in daemon_pids()
-    assert await anyio.to_thread.run_sync(lambda: [p.name for p in root.iterdir()
-                                                   if p.name.startswith("step_")]) == []
+    assert (
+        await anyio.to_thread.run_sync(
+            lambda: [p.name for p in root.iterdir() if p.name.startswith("step_")]
+        )
+        == []
+    )
 
 
 async def test_sigterm_to_the_daemon_aborts_cleanly_and_reports_death(
@@ -134,8 +140,9 @@ async def test_sigterm_to_the_daemon_aborts_cleanly_and_reports_death(
 def tiny_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
     mnt = tmp_path / "tiny"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
-                       capture_output=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
     yield mnt
@@ -183,8 +190,9 @@ async def test_trainer_sigkill_daemon_exits_and_next_start_is_clean(
 ) -> None:
     """Kill -9 the trainer mid-save: its daemon exits within 5 s; the next checkpointer
     sees only committed steps, removes the leftovers and resumes from the latest."""
-    proc = await anyio.open_process([sys.executable, "-c", PARENT, str(root)],
-                                    stderr=subprocess.DEVNULL)
+    proc = await anyio.open_process(
+        [sys.executable, "-c", PARENT, str(root)], stderr=subprocess.DEVNULL
+    )
     async with proc:
         assert proc.stdout is not None
         line = b""
@@ -203,7 +211,8 @@ async def test_trainer_sigkill_daemon_exits_and_next_start_is_clean(
         assert time.perf_counter() - t0 < 5.0, "daemon outlived its parent by 5 s"
         await anyio.sleep(0.05)
     assert await anyio.to_thread.run_sync(lambda: sorted(os.listdir("/dev/shm"))) == sorted(
-        os.listdir("/dev/shm"))
+        os.listdir("/dev/shm")
+    )
     async with aiodcp.AsyncCheckpointer(root) as ckpt:
         assert await ckpt.steps() == [0]
         assert await anyio.to_thread.run_sync(_litter, root) == []
@@ -229,8 +238,8 @@ async def test_random_sigkills_never_publish_a_partial(root: Path, slow_write: N
                 expected[i] = value  # committed before the kill
             except WorkerDiedError:
                 pass
-            with anyio.fail_after(1):  # the death is noticed even when no save was pending
-                while ckpt.worker_pid == pid:
+            with anyio.fail_after(1):
+                while ckpt.worker_pid == pid:  # noqa: ASYNC110
                     await anyio.sleep(0.01)
             assert await ckpt.steps() == sorted(expected)
             for step, v in expected.items():

@@ -38,15 +38,30 @@ def test_two_ranks(tmp_path: Path, mode: str) -> None:
     r = run_script(ONE_RANK, str(one))
     assert r.returncode == 0, r.stderr
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-        str(WORKER), str(tmp_path / "ckpt"), str(one), mode,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        str(WORKER),
+        str(tmp_path / "ckpt"),
+        str(one),
+        mode,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=220, cwd=tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
-    expected = ["dtensor-save-plain-load", "two-rank-load", "cancel-agreement", "retention",
-                "one-rank-into-two"] + (["init-failure"] if mode == "prefix" else [])
+    expected = [
+        "dtensor-save-plain-load",
+        "two-rank-load",
+        "cancel-agreement",
+        "retention",
+        "one-rank-into-two",
+    ] + (["init-failure"] if mode == "prefix" else [])
     for name in expected:
         assert f"OK {name}" in proc.stdout, out[-6000:]
     assert torch.__version__

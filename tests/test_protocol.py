@@ -68,7 +68,10 @@ def test_two_frames_in_one_read_yield_two_events() -> None:
     parent, daemon = _serving_pair()
     parent.receive_data(daemon.send(p.Log(10, "a", "1")) + daemon.send(p.Log(10, "b", "2")))
     assert [parent.next_event(), parent.next_event(), parent.next_event()] == [
-        p.Log(10, "a", "1"), p.Log(10, "b", "2"), p.NEED_DATA]
+        p.Log(10, "a", "1"),
+        p.Log(10, "b", "2"),
+        p.NEED_DATA,
+    ]
 
 
 def test_handshake_order_is_enforced() -> None:

@@ -45,8 +45,20 @@ def test_dtypes_shapes_and_odd_layouts_survive_staging() -> None:
         "nested": {"list": [torch.ones(2), 5, "text"], "tuple": (torch.zeros(1), None)},
     }
     out = _round_trip(state)
-    for key in ["bf16", "fp16", "int", "int8", "bool", "scalar", "empty", "transposed",
-                "strided", "view_a", "view_b", "complex"]:
+    for key in [
+        "bf16",
+        "fp16",
+        "int",
+        "int8",
+        "bool",
+        "scalar",
+        "empty",
+        "transposed",
+        "strided",
+        "view_a",
+        "view_b",
+        "complex",
+    ]:
         assert out[key].dtype == state[key].dtype, key
         assert out[key].shape == state[key].shape, key
         assert torch.equal(out[key], state[key]), key

@@ -41,13 +41,15 @@ def test_commit_refuses_existing_step_unless_overwrite(tmp_path: Path) -> None:
     out = {"x": torch.zeros(4)}
     dcp.load(out, checkpoint_id=tmp_path / "step_1", no_dist=True)
     assert torch.equal(out["x"], torch.full((4,), 2.0))
-    assert not tmp.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".t")] == []
+    assert (
+        not tmp.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".t")] == []
+    )
 
 
 def test_commit_refuses_a_directory_without_metadata(tmp_path: Path) -> None:
     tmp = s.tmp_dir(tmp_path, 1, "t")
     tmp.mkdir()
-    with pytest.raises(CheckpointError, match="no .metadata"):
+    with pytest.raises(CheckpointError, match=r"no \.metadata"):
         s.commit(tmp_path, tmp, 1, overwrite=False)
     assert s.list_steps(tmp_path) == []
 
@@ -72,8 +74,9 @@ def test_cleanup_removes_leftovers_and_keeps_committed(tmp_path: Path) -> None:
         ([0, 5, 10, 15], 1, 10, [5]),
     ],
 )
-def test_retention_policy(steps: list[int], keep_last: int | None, keep_every: int | None,
-                          victims: list[int]) -> None:
+def test_retention_policy(
+    steps: list[int], keep_last: int | None, keep_every: int | None, victims: list[int]
+) -> None:
     assert s.retention_victims(steps, keep_last, keep_every) == victims
 
 

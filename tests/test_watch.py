@@ -1,0 +1,93 @@
+"""Following commits: watch() in-process and across processes, hold() against retention."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+import torch
+
+import aiodcp
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_watch_yields_each_new_commit_in_order(root: Path) -> None:
+    seen: list[int] = []
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:
+        await (await ckpt.save({"x": torch.ones(2)}))  # present before watching
+
+        async def follow() -> None:
+            async for step in ckpt.watch(include_latest=True):
+                seen.append(step)
+                if step == 3:
+                    return
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(follow)
+            await anyio.sleep(0.1)
+            for _ in range(3):
+                await (await ckpt.save({"x": torch.ones(2)}))
+    assert seen == [0, 1, 2, 3]
+
+
+WRITER = """
+import asyncio, sys, torch, aiodcp
+async def main():
+    async with aiodcp.AsyncCheckpointer(sys.argv[1], keep_last=2) as ckpt:
+        for i in range(20):
+            await (await ckpt.save({"x": torch.full((100,), float(i))}))
+asyncio.run(main())
+"""
+
+
+async def test_watcher_in_another_process_sees_every_commit(root: Path) -> None:
+    """A separate writer process makes 20 commits; this process sees each, each loadable."""
+    await anyio.to_thread.run_sync(lambda: root.mkdir(parents=True))
+    seen: list[int] = []
+    latency: list[float] = []
+    async with anyio.create_task_group() as tg:
+
+        async def follow() -> None:
+            with anyio.fail_after(120):
+                async for step in aiodcp.watch(root):
+                    t = time.monotonic()
+                    seen.append(step)
+                    if step == 19:
+                        return
+                    try:  # the writer keeps 2: a step may already be gone, never partial
+                        async with aiodcp.hold(root, step):
+                            out = {"x": torch.zeros(100)}
+                            await aiodcp.load(out, root, step=step)
+                            assert torch.equal(out["x"], torch.full((100,), float(step)))
+                    except aiodcp.CheckpointNotFoundError:
+                        pass
+                    latency.append(time.monotonic() - t)
+
+        tg.start_soon(follow)
+        await anyio.sleep(0.2)
+        await anyio.run_process([sys.executable, "-c", WRITER, str(root)])
+    assert seen == list(range(20))
+
+
+async def test_hold_keeps_a_step_through_keep_last_1(root: Path) -> None:
+    """A slow reader holding the latest step: retention with keep_last=1 spares it."""
+    async with aiodcp.AsyncCheckpointer(root, keep_last=1) as ckpt:
+        await (await ckpt.save({"x": torch.zeros(10)}))
+        async with aiodcp.hold(root, 0):
+            await (await ckpt.save({"x": torch.ones(10)}))
+            await (await ckpt.save({"x": torch.ones(10)}))
+            assert await ckpt.steps() == [0, 2]
+            out = {"x": torch.ones(10)}
+            await aiodcp.load(out, root, step=0)
+            assert torch.equal(out["x"], torch.zeros(10))
+        await (await ckpt.save({"x": torch.ones(10)}))
+        assert await ckpt.steps() == [3]
+
+
+async def test_standalone_load_needs_no_daemon(root: Path) -> None:
+    with pytest.raises(aiodcp.CheckpointNotFoundError):
+        await aiodcp.load({"x": torch.zeros(1)}, root)
