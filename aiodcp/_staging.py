@@ -141,10 +141,10 @@ def flatten(state_dict: Mapping[str, Any]) -> Flat:
         if isinstance(value, Mapping):
             out = {k: walk(v, _path(path, k)) for k, v in value.items()}
             return out if type(value) is dict else _rebuild_container(value, out)
-        if isinstance(value, list):
+        if isinstance(value, list) and not _dcp_terminal(value):
             return [walk(v, _path(path, i)) for i, v in enumerate(value)]
-        if type(value) is tuple:
-            return tuple(walk(v, _path(path, i)) for i, v in enumerate(value))
+        # Anything else is one DCP leaf, written as torch.save bytes -- exactly the
+        # values DCP's own traversal stops at (tuples, lists holding no tensor/dict).
         buf = io.BytesIO()
         try:
             torch.save(value, buf)
@@ -165,6 +165,20 @@ def flatten(state_dict: Mapping[str, Any]) -> Flat:
     flat = Flat(skeleton, tensors, paths, leaf_bytes)
     flat.specs, flat.nbytes, flat.fingerprint = layout_of(flat)
     return flat
+
+
+def _dcp_terminal(value: Any) -> bool:
+    """DCP's rule (``_traverse.traverse_state_dict``) for where traversal stops."""
+    if isinstance(value, Mapping):
+        return False
+    if not isinstance(value, list):
+        return True
+    for entry in value:
+        if isinstance(entry, (Mapping, list)) and not _dcp_terminal(entry):
+            return False
+        if isinstance(entry, torch.Tensor):
+            return False
+    return True
 
 
 def _rebuild_container(original: Mapping[str, Any], items: dict[str, Any]) -> Any:

@@ -80,6 +80,26 @@ async def test_step_defaults_to_latest_plus_one_and_load_picks_latest(root: Path
         assert (await ckpt.save(_state())).step == 3
 
 
+async def test_optimizer_state_round_trips(root: Path) -> None:
+    """An optimizer (Stateful, with tuples and lists of dicts inside) saves and loads exactly."""
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, betas=(0.8, 0.9))
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:
+        await (await ckpt.save({"model": model, "optim": opt}))
+        model2 = torch.nn.Linear(4, 2)
+        opt2 = torch.optim.AdamW(model2.parameters(), lr=0.5)
+        model2(torch.randn(3, 4)).sum().backward()
+        opt2.step()
+        await ckpt.load({"model": model2, "optim": opt2})
+    assert opt2.param_groups[0]["lr"] == 0.01 and opt2.param_groups[0]["betas"] == (0.8, 0.9)
+    for p1, p2 in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(p1, p2)
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p1][k], opt2.state[p2][k])
+
+
 async def test_existing_step_needs_overwrite(root: Path) -> None:
     async with aiodcp.AsyncCheckpointer(root) as ckpt:
         await (await ckpt.save(_state(1), step=5))

@@ -42,7 +42,7 @@ def test_dtypes_shapes_and_odd_layouts_survive_staging() -> None:
         "view_a": base[1],
         "view_b": base[1:3],
         "complex": torch.randn(3, dtype=torch.complex64),
-        "nested": {"list": [torch.ones(2), 5, "text"], "tuple": (torch.zeros(1), None)},
+        "nested": {"list": [torch.ones(2), 5, "text"], "tuple": (1, None)},
     }
     out = _round_trip(state)
     for key in [
@@ -65,7 +65,25 @@ def test_dtypes_shapes_and_odd_layouts_survive_staging() -> None:
     assert torch.equal(out["nested"]["list"][0], torch.ones(2))
     assert isinstance(out["nested"]["list"][1], PickledLeaf)
     assert torch.load(io.BytesIO(out["nested"]["list"][2].data)) == "text"
-    assert isinstance(out["nested"]["tuple"], tuple)
+    assert torch.load(io.BytesIO(out["nested"]["tuple"].data)) == (1, None)
+
+
+def test_leaves_are_where_dcp_stops_traversing() -> None:
+    """Lists of plain values and tuples are one leaf each, as in DCP's own traversal."""
+    flat = flatten(
+        {
+            "a": {
+                "ints": [1, 2],
+                "tup": (1.0, 2.0),
+                "mixed": [torch.ones(1), 3],
+                "dicts": [{"lr": 0.1}],
+            }
+        }
+    )
+    sk = flat.skeleton["a"]
+    assert isinstance(sk["ints"], PickledLeaf) and isinstance(sk["tup"], PickledLeaf)
+    assert isinstance(sk["mixed"], list) and isinstance(sk["mixed"][0], TensorSlot)
+    assert isinstance(sk["dicts"], list) and isinstance(sk["dicts"][0]["lr"], PickledLeaf)
 
 
 def test_daemon_views_own_exactly_their_bytes() -> None:

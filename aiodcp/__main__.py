@@ -1,0 +1,7 @@
+"""``python -m aiodcp``: the command line (see ``aiodcp --help``)."""
+
+import sys
+
+from ._cli import main
+
+sys.exit(main())

@@ -1,0 +1,50 @@
+"""nox sessions: ``nox -l`` lists them. torch is pinned to the local CPU build first."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+TORCH = "torch==2.13.0"
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole suite (asyncio and uvloop per async test, a trio smoke test, 2-rank runs)."""
+    session.install(TORCH)
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "pytest", "-q", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff, including its flake8-async (ASYNC) rules."""
+    session.install("ruff")
+    session.run("ruff", "check", "aiodcp", "tests", "examples")
+    session.run("ruff", "format", "--check", "aiodcp", "tests", "examples")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on the package."""
+    session.install(TORCH)
+    session.install("-e", ".[dev]")
+    session.run("mypy")
+
+
+@nox.session
+def examples(session: nox.Session) -> None:
+    """Run every example at a small size."""
+    session.install(TORCH)
+    session.install("-e", ".")
+    tmp = session.create_tmp()
+    session.run("python", "examples/async_training_loop.py", "--root", f"{tmp}/ckpt", "--steps", "40")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The side-by-side benchmark against DCP (see README)."""
+    session.install(TORCH)
+    session.install("-e", ".")
+    session.run("python", "-m", "aiodcp", "bench", *session.posargs)

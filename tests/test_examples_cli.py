@@ -1,0 +1,45 @@
+"""The example runs (twice: the second run resumes) and the CLI's subcommands work."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import REPO
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=120, cwd=cwd
+    )
+
+
+def test_training_example_runs_and_resumes(tmp_path: Path) -> None:
+    example = str(REPO / "examples" / "async_training_loop.py")
+    first = _run(example, "--root", "ck", "--steps", "41", "--every", "20", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "starting from scratch" in first.stdout and "stall" in first.stdout
+    second = _run(example, "--root", "ck", "--steps", "10", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "resumed from step 40" in second.stdout
+
+
+def test_cli_ls_and_gc(tmp_path: Path) -> None:
+    example = str(REPO / "examples" / "async_training_loop.py")
+    assert _run(example, "--root", "ck", "--steps", "21", cwd=tmp_path).returncode == 0
+    (tmp_path / "ck" / ".tmp-step_99-dead").mkdir()
+    ls = _run("-m", "aiodcp", "ls", "ck", "--json", cwd=tmp_path)
+    assert ls.returncode == 0, ls.stderr
+    rows = json.loads(ls.stdout)
+    assert [r["step"] for r in rows if r["committed"]] == [0, 20]
+    assert [r["latest"] for r in rows if r["committed"]] == [False, True]
+    assert sum(not r["committed"] for r in rows) == 1
+    dry = _run("-m", "aiodcp", "gc", "ck", "--dry-run", cwd=tmp_path)
+    assert dry.returncode == 0 and "would remove" in dry.stdout
+    assert (tmp_path / "ck" / ".tmp-step_99-dead").exists()
+    assert _run("-m", "aiodcp", "gc", "ck", cwd=tmp_path).returncode == 0
+    assert not (tmp_path / "ck" / ".tmp-step_99-dead").exists()
+    assert _run("-m", "aiodcp", "ls", "missing", cwd=tmp_path).returncode == 1
+    assert _run("-m", "aiodcp", "frobnicate", cwd=tmp_path).returncode == 2
