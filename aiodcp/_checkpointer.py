@@ -550,6 +550,8 @@ class AsyncCheckpointer:
             self._emit(handle, "committed", msg.nbytes, msg.nbytes)
             notify_commit(self.root, msg.step)
         else:
+            if msg.fatal and self._worker is not None:
+                self._worker.terminating = True  # exiting: the next save starts a new one
             error: CheckpointError
             if msg.cancelled:
                 error = CheckpointCancelledError(

@@ -352,6 +352,11 @@ class Daemon:
             if self.stop_reason and self.stop_reason != "terminate":
                 return  # dying (SIGTERM, parent gone): the parent reports our death
             text = str(exc) or repr(exc)
+            # With several ranks, a failure (unlike a cancellation, which the ranks
+            # agree on by vote) may have left the daemons' group mid-collective or
+            # broken (a peer died). Rather than trust it, every daemon exits and the
+            # parents start a fresh group for the next save.
+            fatal = self.pg is not None and not cancelled
             if not cancelled:
                 text = self._diagnose(msg) + text
                 log.warning("save of step %d failed: %s: %s", msg.step, type(exc).__name__, text)
@@ -362,8 +367,11 @@ class Daemon:
                     text,
                     traceback.format_exc(),
                     cancelled=cancelled,
+                    fatal=fatal,
                 )
             )
+            if fatal:
+                self._halt("process group is no longer trusted after a failed save")
         finally:
             self._after_save()
 

@@ -15,11 +15,6 @@ from . import _storage
 from ._dist import Group, broadcast_int, resolve_group
 from ._errors import CheckpointError, CheckpointNotFoundError
 
-
-def _abspath(root: str | os.PathLike[str]) -> Path:
-    return Path(os.path.abspath(root))
-
-
 __all__ = ["hold", "load", "load_checkpoint"]
 
 
@@ -109,9 +104,8 @@ async def load(
         CheckpointNotFoundError: no such committed step.
         CheckpointError: the checkpoint is damaged (the missing or short file is named).
     """
-    return await load_checkpoint(
-        state_dict, _abspath(root), step=step, group=resolve_group(process_group)
-    )
+    path = await anyio.to_thread.run_sync(_storage.abspath, root)
+    return await load_checkpoint(state_dict, path, step=step, group=resolve_group(process_group))
 
 
 @contextlib.asynccontextmanager
@@ -124,7 +118,7 @@ async def hold(root: str | os.PathLike[str], step: int) -> AsyncIterator[int]:
     Raises:
         CheckpointNotFoundError: the step is not committed (or was just deleted).
     """
-    path = _abspath(root)
+    path = await anyio.to_thread.run_sync(_storage.abspath, root)
     fd = await anyio.to_thread.run_sync(_storage.hold_step, path, step)
     try:
         yield step

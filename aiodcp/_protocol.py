@@ -201,7 +201,11 @@ class Saved(Message):
 
 @dataclass(frozen=True)
 class SaveFailed(Message):
-    """Daemon -> parent: ``req_id`` failed (or was cancelled); nothing was published."""
+    """Daemon -> parent: ``req_id`` failed (or was cancelled); nothing was published.
+
+    ``fatal``: the daemon exits after this reply (its process group can no longer be
+    trusted); the parent starts a fresh one for the next save.
+    """
 
     KIND: ClassVar[Kind] = Kind.SAVE_FAILED
     req_id: int
@@ -209,6 +213,7 @@ class SaveFailed(Message):
     message: str
     traceback: str = ""
     cancelled: bool = False
+    fatal: bool = False
 
 
 @dataclass(frozen=True)

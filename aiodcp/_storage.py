@@ -8,6 +8,7 @@
         __0_0.distcp ...
       step_200/
       latest               "200": the newest committed step (atomically replaced)
+      .commits             one line per commit, appended after it: what watchers follow
       .tmp-step_300-<id>/  a save in progress (never listed, removed at next start)
       .trash-...           a step being deleted by retention or overwrite
       .holds/              leases of readers (``aiodcp.hold``)
@@ -38,6 +39,9 @@ from typing import Any
 from ._errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError
 
 __all__ = [
+    "append_commit",
+    "read_commits",
+    "abspath",
     "HOLDS_DIR",
     "LATEST",
     "WriterLock",
@@ -61,9 +65,15 @@ STEP_RE = re.compile(r"^step_(\d+)$")
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 LATEST = "latest"
+COMMITS = ".commits"
 HOLDS_DIR = ".holds"
 LOCK = ".lock"
 METADATA = ".metadata"
+
+
+def abspath(root: str | os.PathLike[str]) -> Path:
+    """``root`` made absolute (reads the working directory: call it off the loop)."""
+    return Path(os.path.abspath(root))
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -180,7 +190,35 @@ def commit(root: Path, tmp: Path, step: int, *, overwrite: bool) -> Path:
     latest = read_latest(root)
     if latest is not None:
         write_latest(root, latest)
+    append_commit(root, step)
     return final
+
+
+def append_commit(root: Path, step: int) -> None:
+    """Record a commit in the log watchers read (one write of a whole line)."""
+    fd = os.open(root / COMMITS, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, f"{step}\n".encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_commits(root: Path, offset: int) -> tuple[list[int], int] | None:
+    """Steps committed since byte ``offset`` of the log, and the new offset.
+
+    None when the root has no log (written by plain DCP or an older aiodcp). A line
+    still being written is left for the next call.
+    """
+    try:
+        with open(root / COMMITS, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    end = data.rfind(b"\n") + 1
+    steps = [int(line) for line in data[:end].split() if line.isdigit()]
+    return steps, offset + end
 
 
 def cleanup_leftovers(root: Path) -> list[Path]:

@@ -20,11 +20,6 @@ import anyio.to_thread
 
 from . import _storage
 
-
-def _abspath(root: str | os.PathLike[str]) -> Path:
-    return Path(os.path.abspath(root))
-
-
 __all__ = ["notify_commit", "watch"]
 
 _waiters: dict[Path, set[Any]] = {}
@@ -65,6 +60,24 @@ def _drain(fd: int) -> None:
             pass
 
 
+def _start(root: Path) -> tuple[int | None, int]:
+    """The latest step now, and where the commit log ends now."""
+    try:
+        offset = (root / _storage.COMMITS).stat().st_size
+    except FileNotFoundError:
+        offset = 0
+    return _storage.read_latest(root), offset
+
+
+def _scan(root: Path, offset: int) -> tuple[list[int], int]:
+    """New commits from the log (every one, even if retention deleted it since);
+    from the directory listing where there is no log."""
+    logged = _storage.read_commits(root, offset)
+    if logged is None:
+        return _storage.list_steps(root), offset
+    return logged
+
+
 async def watch(
     root: str | os.PathLike[str],
     *,
@@ -75,18 +88,21 @@ async def watch(
 
     Iteration starts after the latest step present when it begins;
     ``include_latest=True`` yields that one first. Only committed steps are
-    ever yielded. Stop by breaking out of the loop (or cancelling it).
+    ever yielded, each once, even if the consumer is slower than the writer; a
+    step that retention has deleted since may then be gone -- wrap the load in
+    :func:`aiodcp.hold`, which raises ``CheckpointNotFoundError`` for it. Stop
+    by breaking out of the loop (or cancelling it).
     """
-    path = _abspath(root)
+    path = await anyio.to_thread.run_sync(_storage.abspath, root)
     event = anyio.Event()
     _waiters.setdefault(path, set()).add(event)
     fd = await anyio.to_thread.run_sync(_inotify, path)
     try:
-        last = await anyio.to_thread.run_sync(_storage.read_latest, path)
+        last, offset = await anyio.to_thread.run_sync(_start, path)
         if include_latest and last is not None:
             yield last
         while True:
-            steps = await anyio.to_thread.run_sync(_storage.list_steps, path)
+            steps, offset = await anyio.to_thread.run_sync(_scan, path, offset)
             for step in steps:
                 if last is None or step > last:
                     last = step

@@ -85,6 +85,33 @@ async def main() -> None:
         assert await ckpt.steps() == [3, 4], await ckpt.steps()
         ok("retention")
 
+    if not prefix:
+        # a daemon killed on one rank fails that step on every rank (no hang); then both
+        # ranks start fresh daemons together and the next save works
+        os.environ["AIODCP_TEST_SLOW_WRITE"] = "0.3"  # read by daemons spawned from now on
+        async with aiodcp.AsyncCheckpointer(root + "-kill") as ckpt:
+            big = {f"t{i}": torch.full((1000,), float(i)) for i in range(6)}
+            before = ckpt.worker_pid
+            handle = await ckpt.save(big, step=0)
+            if rank == 1:
+                await asyncio.sleep(0.5)
+                os.kill(before, 9)
+            t0 = time.perf_counter()
+            try:
+                await handle
+                raise AssertionError("the step should have failed")
+            except aiodcp.WorkerDiedError:
+                assert rank == 1
+            except aiodcp.SaveFailedError:
+                assert rank == 0
+            assert time.perf_counter() - t0 < 60
+            dist.barrier()
+            result = await (await ckpt.save(big, step=1))
+            assert result.step == 1 and ckpt.worker_pid != before
+            assert await ckpt.steps() == [1]
+        del os.environ["AIODCP_TEST_SLOW_WRITE"]
+        ok("peer-daemon-death")
+
     # a checkpoint written by one process loads into two ranks (resharding)
     sd = {"w": distribute_tensor(torch.zeros(8, 8), mesh, [Shard(0)])}
     assert await aiodcp.load(sd, one_rank_root) == 0

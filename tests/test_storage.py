@@ -32,6 +32,17 @@ def test_only_committed_steps_are_listed(tmp_path: Path) -> None:
     assert (tmp_path / "latest").read_text().strip() == "3"
 
 
+def test_commit_log_records_each_commit_once(tmp_path: Path) -> None:
+    assert s.read_commits(tmp_path, 0) is None
+    for step in (1, 2):
+        s.commit(tmp_path, _write_tmp(tmp_path, step), step, overwrite=False)
+    steps, offset = s.read_commits(tmp_path, 0)  # type: ignore[misc]
+    assert steps == [1, 2]
+    with open(tmp_path / ".commits", "ab") as f:
+        f.write(b"3")  # a line still being written is not consumed
+    assert s.read_commits(tmp_path, offset) == ([], offset)
+
+
 def test_commit_refuses_existing_step_unless_overwrite(tmp_path: Path) -> None:
     s.commit(tmp_path, _write_tmp(tmp_path, 1, 1.0), 1, overwrite=False)
     tmp = _write_tmp(tmp_path, 1, 2.0)
@@ -61,7 +72,7 @@ def test_cleanup_removes_leftovers_and_keeps_committed(tmp_path: Path) -> None:
     removed = s.cleanup_leftovers(tmp_path)
     assert len(removed) == 2
     assert s.list_steps(tmp_path) == [1]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".commits", "latest", "step_1"]
 
 
 @pytest.mark.parametrize(
