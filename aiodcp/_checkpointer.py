@@ -16,6 +16,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 import anyio.to_thread
+import sniffio
 
 from . import _protocol as p
 from . import _storage
@@ -251,7 +252,10 @@ class AsyncCheckpointer:
         self._high_step = -1
         self._reserved: set[int] = set()
         self._lock: _storage.WriterLock | None = None
-        self._state: Literal["new", "open", "closing", "closed"] = "new"
+        self._state: Literal["new", "opening", "open", "closing", "closed"] = "new"
+        self._host_close: anyio.Event | None = None
+        self._host_done: anyio.Event | None = None
+        self._host_task: Any = None
 
     # ------------------------------------------------------------- lifecycle
     @property
@@ -265,25 +269,80 @@ class AsyncCheckpointer:
         return self._group.rank if self._group is not None else 0
 
     async def __aenter__(self) -> AsyncCheckpointer:
+        await self._begin()
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        return await self._finish_open()
+
+    async def start(self) -> AsyncCheckpointer:
+        """Open without ``async with``, for notebooks (asyncio only).
+
+        In a notebook each cell runs as its own task, so a checkpointer opened in
+        one cell and closed in another cannot own a task group entered in the
+        first. ``start()`` runs its task group in a host task of its own instead;
+        close it with :meth:`aclose`. If the kernel is restarted or killed
+        instead, the daemon sees its channel close and exits by itself.
+        """
+        if sniffio.current_async_library() != "asyncio":
+            raise RuntimeError("start() needs asyncio; use `async with AsyncCheckpointer(...)`")
+        import asyncio
+
+        await self._begin()
+        started = anyio.Event()
+        self._host_close = anyio.Event()
+        self._host_done = anyio.Event()
+
+        async def host() -> None:
+            try:
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    started.set()
+                    assert self._host_close is not None
+                    await self._host_close.wait()
+                    tg.cancel_scope.cancel()
+            finally:
+                assert self._host_done is not None
+                self._host_done.set()
+
+        self._host_task = asyncio.get_running_loop().create_task(host())
+        await started.wait()
+        return await self._finish_open()
+
+    async def aclose(self) -> None:
+        """Close a checkpointer opened with :meth:`start` (as a normal ``async with`` exit)."""
+        await self.__aexit__(None, None, None)
+
+    async def _begin(self) -> None:
         if self._state != "new":
-            raise RuntimeError("an AsyncCheckpointer can be entered only once")
+            raise RuntimeError("an AsyncCheckpointer can be opened only once")
+        self._state = "opening"
         self._group = resolve_group(self._process_group)
         self._worker_lock = anyio.Lock()
         self._slot_free = anyio.Semaphore(self.max_inflight)
         await anyio.to_thread.run_sync(self._prepare_root)
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
+
+    async def _finish_open(self) -> AsyncCheckpointer:
         self._state = "open"
         try:
             await self._ensure_worker()
         except BaseException:
             self._state = "closing"
-            self._tg.cancel_scope.cancel()
-            await self._tg.__aexit__(None, None, None)
+            await self._close_task_group()
             with anyio.CancelScope(shield=True):
                 await self._close_resources()
             raise
         return self
+
+    async def _close_task_group(self) -> None:
+        """Stop our tasks. They never raise, so nothing is wrapped in an ExceptionGroup."""
+        assert self._tg is not None
+        if self._host_close is not None and self._host_done is not None:
+            self._host_close.set()
+            with anyio.CancelScope(shield=True):
+                await self._host_done.wait()
+        else:
+            self._tg.cancel_scope.cancel()
+            await self._tg.__aexit__(None, None, None)
 
     def _prepare_root(self) -> None:
         if self.root.exists() and not self.root.is_dir():
@@ -307,6 +366,8 @@ class AsyncCheckpointer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
+        if self._state in ("closing", "closed"):
+            return None  # aclose() twice is harmless
         assert self._tg is not None
         error: BaseException | None = None
         try:
@@ -323,10 +384,7 @@ class AsyncCheckpointer:
             with anyio.CancelScope(shield=True):
                 if self._worker is not None:
                     await self._worker.shutdown(self.shutdown_timeout)
-                self._tg.cancel_scope.cancel()
-            # Our tasks never raise; the body's exception propagates as itself,
-            # not wrapped in an ExceptionGroup.
-            await self._tg.__aexit__(None, None, None)
+            await self._close_task_group()
             with anyio.CancelScope(shield=True):
                 await self._close_resources()
             self._state = "closed"
@@ -360,8 +418,8 @@ class AsyncCheckpointer:
     def _check_open(self) -> None:
         if self._state != "open":
             raise RuntimeError(
-                "AsyncCheckpointer is not open: "
-                "use it as `async with AsyncCheckpointer(...) as ckpt`"
+                "AsyncCheckpointer is not open: use `async with AsyncCheckpointer(...) as ckpt` "
+                "(or `ckpt = await AsyncCheckpointer(...).start()` in a notebook)"
             )
 
     async def _ensure_worker(self) -> Worker:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 import aiodcp
@@ -57,6 +58,12 @@ def test_runs_under_trio(root: Path) -> None:
             return step
 
     assert trio.run(main) == 0
+
+    async def start_needs_asyncio() -> None:
+        with pytest.raises(RuntimeError, match="asyncio"):
+            await aiodcp.AsyncCheckpointer(root).start()
+
+    trio.run(start_needs_asyncio)
 
 
 NO_GUARD = """
