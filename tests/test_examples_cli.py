@@ -26,6 +26,42 @@ def test_training_example_runs_and_resumes(tmp_path: Path) -> None:
     assert "resumed from step 40" in second.stdout
 
 
+def test_rl_actor_learner_example(tmp_path: Path) -> None:
+    """Actors in separate processes follow every published policy, never a partial one."""
+    example = str(REPO / "examples" / "rl_actor_learner.py")
+    r = _run(example, "--root", "rl", "--actors", "2", "--updates", "31", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for actor in (0, 1):
+        assert f"actor {actor}: acting with policy version 30" in r.stdout
+        assert f"actor {actor}: done" in r.stdout
+    assert "actors exited with [0, 0]" in r.stdout
+
+
+def test_multirank_example_under_torchrun(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    example = str(REPO / "examples" / "multirank_torchrun.py")
+    r = _run(
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port),
+        example,
+        "--root",
+        "mr",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rank 0 reloaded step 2; committed: [1, 2]" in r.stdout
+
+
 def test_cli_ls_and_gc(tmp_path: Path) -> None:
     example = str(REPO / "examples" / "async_training_loop.py")
     assert _run(example, "--root", "ck", "--steps", "21", cwd=tmp_path).returncode == 0
