@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import signal
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Mapping
 from dataclasses import dataclass
@@ -256,6 +257,9 @@ class AsyncCheckpointer:
         self._host_close: anyio.Event | None = None
         self._host_done: anyio.Event | None = None
         self._host_task: Any = None
+        self._body_scope: anyio.CancelScope | None = None
+        self.preempted: int | None = None
+        """The signal that ended the block, after ``handle_signals``; else None."""
 
     # ------------------------------------------------------------- lifecycle
     @property
@@ -272,7 +276,12 @@ class AsyncCheckpointer:
         await self._begin()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
-        return await self._finish_open()
+        opened = await self._finish_open()
+        # The body gets a scope of its own, inside the task group's: preemption
+        # cancels the body without cancelling our tasks.
+        self._body_scope = anyio.CancelScope()
+        self._body_scope.__enter__()
+        return opened
 
     async def start(self) -> AsyncCheckpointer:
         """Open without ``async with``, for notebooks (asyncio only).
@@ -369,6 +378,10 @@ class AsyncCheckpointer:
         if self._state in ("closing", "closed"):
             return None  # aclose() twice is harmless
         assert self._tg is not None
+        preempted = False
+        if self._body_scope is not None:
+            scope, self._body_scope = self._body_scope, None
+            preempted = bool(scope.__exit__(exc_type, exc, tb))
         error: BaseException | None = None
         try:
             if exc_type is None:
@@ -390,6 +403,8 @@ class AsyncCheckpointer:
             self._state = "closed"
         if error is not None:
             raise error
+        if preempted and self.preempted is not None:
+            raise SystemExit(128 + self.preempted)
         return None
 
     async def _close_resources(self) -> None:
@@ -665,6 +680,56 @@ class AsyncCheckpointer:
             )
         except Exception:
             log.exception("on_event callback failed")
+
+    # ------------------------------------------------------------ preemption
+    def handle_signals(
+        self,
+        *signals: int,
+        grace: float = 30.0,
+        final_save: Callable[[], Any] | None = None,
+    ) -> None:
+        """Opt in to preemption handling: on one of ``signals`` (e.g. SIGTERM), finish up.
+
+        The signal is received on the event loop (``loop.add_signal_handler``
+        semantics, never in a plain signal handler). Then, within ``grace``
+        seconds: ``final_save()`` is awaited if given (it may return a
+        :class:`SaveHandle`, which is awaited too), every in-flight save is
+        awaited until committed, and the ``async with`` body is cancelled; the
+        block then exits with ``SystemExit(128 + signal)``. Saves still in flight
+        when the grace period ends are cancelled, never published.
+        """
+        self._check_open()
+        if self._host_done is not None:
+            raise RuntimeError("handle_signals() needs `async with AsyncCheckpointer(...)`")
+        if not signals:
+            raise ValueError("name at least one signal, e.g. signal.SIGTERM")
+        assert self._tg is not None
+        self._tg.start_soon(self._preemption, signals, grace, final_save)
+
+    async def _preemption(
+        self, signals: tuple[int, ...], grace: float, final_save: Callable[[], Any] | None
+    ) -> None:
+        signum = 0
+        with anyio.open_signal_receiver(*(signal.Signals(s) for s in signals)) as received:
+            async for signum in received:  # noqa: B007  (the first one is enough)
+                break
+        log.warning("received signal %d: committing in-flight saves (grace %.0fs)", signum, grace)
+        self.preempted = int(signum)
+        with anyio.move_on_after(grace) as scope:
+            try:
+                if final_save is not None:
+                    result = final_save()
+                    if hasattr(result, "__await__"):
+                        result = await result
+                    if isinstance(result, SaveHandle):
+                        await result
+                await self.wait()
+            except CheckpointError as exc:
+                log.error("final checkpoint on signal %d failed: %s", signum, exc)
+        if scope.cancelled_caught:
+            log.error("grace period of %.0fs ran out; cancelling in-flight saves", grace)
+        if self._body_scope is not None:
+            self._body_scope.cancel()
 
     # ----------------------------------------------------------------- other
     async def wait(self) -> None:

@@ -107,6 +107,9 @@ class Worker:
                 stdout=None,
                 stderr=None,
                 env=env,
+                # Its own session: a signal sent to the trainer's process group (Ctrl-C,
+                # a scheduler's SIGTERM) does not cut a save short; the parent decides.
+                start_new_session=True,
             )
         except BaseException:
             parent_sock.close()

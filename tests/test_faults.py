@@ -247,3 +247,41 @@ async def test_random_sigkills_never_publish_a_partial(root: Path, slow_write: N
                 assert all(torch.equal(out[f"t{j}"], torch.full((1000,), v + j)) for j in range(4))
     assert _litter(root) == []
     assert not any(p in daemon_pids() for p in [pid])
+
+
+PREEMPTED = """
+import asyncio, signal, sys, torch, aiodcp
+async def main():
+    state = {f"t{i}": torch.full((1000,), float(i)) for i in range(4)}
+    async with aiodcp.AsyncCheckpointer(sys.argv[1]) as ckpt:
+        ckpt.handle_signals(signal.SIGTERM, grace=30,
+                            final_save=lambda: ckpt.save(state, step=99))
+        await ckpt.save(state, step=0)
+        print(ckpt.worker_pid, flush=True)
+        while True:  # training
+            await asyncio.sleep(0.01)
+asyncio.run(main())
+"""
+
+
+async def test_preemption_sigterm_commits_then_exits(root: Path, slow_write: None) -> None:
+    """SIGTERM to the trainer (its whole process group): the in-flight save and a final
+    save commit, then the trainer exits 128+15 and its daemon is gone."""
+    proc = await anyio.open_process(
+        [sys.executable, "-c", PREEMPTED, str(root)],
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    async with proc:
+        assert proc.stdout is not None
+        with anyio.fail_after(60):
+            daemon = int((await proc.stdout.receive()).split()[0])
+        os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler would
+        with anyio.fail_after(60):
+            code = await proc.wait()
+    assert code == 128 + signal.SIGTERM
+    steps = await anyio.to_thread.run_sync(
+        lambda: sorted(p.name for p in root.iterdir() if p.name.startswith("step_"))
+    )
+    assert steps == ["step_0", "step_99"]
+    assert daemon not in daemon_pids()
