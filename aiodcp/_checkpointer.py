@@ -182,6 +182,8 @@ class AsyncCheckpointer:
             ``keep_last`` steps and every step divisible by ``keep_every``.
         collective_timeout: seconds a collective between daemons may take.
         thread_count: DCP ``FileSystemWriter`` threads in the daemon.
+        daemon_niceness: added to the daemon's nice value (CPU and, by default,
+            I/O priority), so persisting steals less from training.
         on_event: called on the event loop with each :class:`SaveEvent`.
     """
 
@@ -201,6 +203,7 @@ class AsyncCheckpointer:
         keep_every: int | None = None,
         collective_timeout: float = 600.0,
         thread_count: int = 1,
+        daemon_niceness: int = 0,
         on_event: Callable[[SaveEvent], None] | None = None,
     ) -> None:
         if not isinstance(max_inflight, int) or max_inflight < 1:
@@ -239,6 +242,7 @@ class AsyncCheckpointer:
         self.keep_every = keep_every
         self.collective_timeout = float(collective_timeout)
         self.thread_count = int(thread_count)
+        self.daemon_niceness = int(daemon_niceness)
         self.on_event = on_event
 
         self._group: Group | None = None
@@ -463,6 +467,7 @@ class AsyncCheckpointer:
                 disable_automatic_gc=self.disable_automatic_gc,
                 disable_manual_gc=self.disable_manual_gc,
                 thread_count=self.thread_count,
+                niceness=self.daemon_niceness,
                 keep_last=self.keep_last,
                 keep_every=self.keep_every,
                 log_level=logging.getLogger("aiodcp").getEffectiveLevel(),
@@ -521,14 +526,7 @@ class AsyncCheckpointer:
             raise
         assert slot.arena is not None
         arena = slot.arena
-        if old_arena is not None:
-            if old_arena.arena_id in worker.arenas:
-                worker.send(p.ReleaseArena(old_arena.arena_id))
-                worker.arenas.discard(old_arena.arena_id)
-            old_arena.close()
-        if arena.arena_id not in worker.arenas:
-            worker.send(p.Arena(arena.arena_id, arena.nbytes), fd=arena.fd)
-            worker.arenas.add(arena.arena_id)
+        self._swap_arena(worker, slot, old_arena)
         req_id = self._next_req
         self._next_req += 1
         handle = SaveHandle(self, chosen, req_id)
@@ -553,12 +551,48 @@ class AsyncCheckpointer:
         if not overwrite and _storage.step_dir(self.root, step).exists():
             raise CheckpointExistsError(f"step {step} already exists in {self.root}")
         flat = flatten(state_dict)
-        old = None
-        if slot.arena is None or slot.arena.fingerprint != flat.fingerprint:
-            old, slot.arena = slot.arena, Arena(flat.nbytes, flat.fingerprint)
+        old = self._fit_arena(slot, flat)
+        assert slot.arena is not None
         slot.arena.stage(flat, stream=stream)
         blob = dumps_skeleton(flat.skeleton)
         return flat, blob, old
+
+    @staticmethod
+    def _fit_arena(slot: _Slot, flat: Flat) -> Arena | None:
+        """Give ``slot`` an arena for ``flat``'s layout; return the one it replaces."""
+        if slot.arena is not None and slot.arena.fingerprint == flat.fingerprint:
+            return None
+        old, slot.arena = slot.arena, Arena(flat.nbytes, flat.fingerprint)
+        return old
+
+    async def prepare(self, state_dict: Mapping[str, Any]) -> None:
+        """Allocate and pre-fault the staging memory for ``state_dict``'s layout now.
+
+        Optional: call it once before the training loop and the first ``save()``
+        stalls no longer than the later ones (the arena's page faults happen
+        here instead). Nothing is saved. A later layout change simply gets a new arena.
+        """
+        self._check_open()
+        assert self._slot_free is not None
+        flat = await anyio.to_thread.run_sync(flatten, state_dict)
+        worker = await self._ensure_worker()
+        for slot in self._slots:
+            if slot.busy:
+                continue
+            old = await anyio.to_thread.run_sync(self._fit_arena, slot, flat)
+            self._swap_arena(worker, slot, old)
+
+    def _swap_arena(self, worker: Worker, slot: _Slot, old: Arena | None) -> None:
+        """Tell the daemon about ``slot``'s arena (and to forget the one it replaced)."""
+        if old is not None:
+            if old.arena_id in worker.arenas:
+                worker.send(p.ReleaseArena(old.arena_id))
+                worker.arenas.discard(old.arena_id)
+            old.close()
+        arena = slot.arena
+        if arena is not None and arena.arena_id not in worker.arenas:
+            worker.send(p.Arena(arena.arena_id, arena.nbytes), fd=arena.fd)
+            worker.arenas.add(arena.arena_id)
 
     def _reserve_step(self, step: int | None) -> int:
         if step is None:

@@ -144,6 +144,23 @@ async def test_layout_changes_get_a_fresh_arena(root: Path) -> None:
         assert torch.equal(out_a["w"], a["w"])
 
 
+async def test_prepare_then_save_and_a_lower_priority_daemon(root: Path) -> None:
+    """prepare() stages nothing and saves nothing; saves after it are exact."""
+    async with aiodcp.AsyncCheckpointer(root, daemon_niceness=5) as ckpt:
+        assert ckpt.worker_pid is not None
+        stat = await anyio.Path(f"/proc/{ckpt.worker_pid}/stat").read_text()
+        assert int(stat.rsplit(")", 1)[1].split()[16]) >= 5  # the nice value
+        state = _state(3)
+        await ckpt.prepare(state)
+        assert await ckpt.steps() == []
+        await (await ckpt.save(state))
+        await ckpt.prepare({"other": torch.ones(3)})  # a new layout: a new arena
+        await (await ckpt.save(state))
+        target = _state(0)
+        await ckpt.load(target, step=0)
+        assert torch.equal(target["big"], state["big"])
+
+
 async def test_root_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None:
     file = tmp_path / "f"
     file.write_text("x")
