@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import resource
 import shutil
 import statistics
 import tempfile
@@ -73,7 +72,9 @@ async def _lagged(fn: Callable[[], Awaitable[tuple[float, float]]]) -> tuple[flo
     return stall, e2e, lag
 
 
-async def _run(size: int, saves: int, directory: Path) -> list[tuple[str, float, float, float]]:
+async def _run(
+    size: int, saves: int, rss_saves: int, directory: Path
+) -> list[tuple[str, float, float, float]]:
     from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, async_save
     from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
@@ -114,32 +115,50 @@ async def _run(size: int, saves: int, directory: Path) -> list[tuple[str, float,
         await asyncio.to_thread(shutil.rmtree, directory, ignore_errors=True)
         await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
 
-    async with aiodcp.AsyncCheckpointer(directory / "aiodcp", keep_last=2) as ckpt:
+    nbytes = sum(v.nbytes for v in state.values())
+    for prepared in (False, True):
+        async with aiodcp.AsyncCheckpointer(directory / "aiodcp", keep_last=2) as ckpt:
 
-        async def ours() -> tuple[float, float]:
-            t = time.perf_counter()
-            handle = await ckpt.save(state)
-            stall = time.perf_counter() - t
-            await handle
-            return stall, time.perf_counter() - t
+            async def ours() -> tuple[float, float]:
+                t = time.perf_counter()
+                handle = await ckpt.save(state)
+                stall = time.perf_counter() - t
+                await handle
+                return stall, time.perf_counter() - t
 
-        first = await _lagged(ours)
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        samples = [await _lagged(ours) for _ in range(saves)]
-        rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        rows.append(("aiodcp", *(statistics.median(x) for x in zip(*samples, strict=True))))
-        rows.append(("aiodcp (first save)", *first))
-        print(
-            f"  aiodcp parent peak-RSS growth over {saves} steady saves: "
-            f"{(rss1 - rss0) / 1024:.1f} MiB"
-        )
+            assert ckpt.worker_pid is not None
+            before = _pss(os.getpid()) + _pss(ckpt.worker_pid)
+            if prepared:
+                await ckpt.prepare(state)
+                rows.append(("aiodcp first, prepare()d", *await _lagged(ours)))
+                continue
+            rows.append(("aiodcp first save", *await _lagged(ours)))
+            after_one = _pss(os.getpid()) + _pss(ckpt.worker_pid)
+            samples = [await _lagged(ours) for _ in range(max(saves, rss_saves))]
+            after_n = _pss(os.getpid()) + _pss(ckpt.worker_pid)
+            rows.append(("aiodcp", *(statistics.median(x) for x in zip(*samples, strict=True))))
+            print(
+                f"  aiodcp host memory (PSS, trainer + daemon) above the state: "
+                f"{(after_one - before) / nbytes:.2f}x state after 1 save, "
+                f"{(after_n - before) / nbytes:.2f}x after {1 + len(samples)} saves"
+            )
     return rows
+
+
+def _pss(pid: int) -> int:
+    """Proportional set size in bytes (shared pages split between their users)."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aiodcp bench", description=__doc__)
     parser.add_argument("--sizes", default="256", help="MiB, comma-separated (e.g. 256,1024)")
     parser.add_argument("--saves", type=int, default=3, help="measured saves per method")
+    parser.add_argument("--rss-saves", type=int, default=20, help="aiodcp saves for memory")
     parser.add_argument("--dir", default=None, help="directory to write in (default: a temp dir)")
     args = parser.parse_args(argv)
     import torch.distributed as dist
@@ -156,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         state = _state(size)
         copy, write_bps = _floors(state, directory)
         del state
-        rows = asyncio.run(_run(size, args.saves, directory))
+        rows = asyncio.run(_run(size, args.saves, args.rss_saves, directory))
         nbytes = size * MiB
         proc = next(r for r in rows if r[0] == "dcp.async_save PROCESS")
         ours = next(r for r in rows if r[0] == "aiodcp")
@@ -166,12 +185,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{write_bps / MiB:.0f} MiB/s"
         )
         print(
-            f"  {'method':<24}{'stall s':>9}{'end-to-end s':>14}{'max loop lag ms':>17}"
+            f"  {'method':<26}{'stall s':>9}{'end-to-end s':>14}{'max loop lag ms':>17}"
             f"{'persist MiB/s':>15}"
         )
         for name, stall, e2e, lag in rows:
-            persist = nbytes / max(e2e - stall, 1e-9) / MiB
-            print(f"  {name:<24}{stall:>9.3f}{e2e:>14.3f}{lag * 1e3:>17.1f}{persist:>15.0f}")
+            persist = f"{nbytes / (e2e - stall) / MiB:.0f}" if e2e - stall > 1e-3 else "-"
+            print(f"  {name:<26}{stall:>9.3f}{e2e:>14.3f}{lag * 1e3:>17.1f}{persist:>15}")
         print(
             f"  ratios: stall vs PROCESS {ours[1] / proc[1]:.2f}x, "
             f"stall vs copy floor {ours[1] / copy:.2f}x, "

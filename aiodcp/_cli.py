@@ -1,6 +1,8 @@
-"""The ``aiodcp`` command: ``ls``, ``gc`` and ``bench``. Built on argparse (stdlib, no deps).
+"""The ``aiodcp`` command: ``ls``, ``inspect``, ``gc``, ``demo`` and ``bench``.
 
-Exit codes: 0 ok, 1 operation failed, 2 bad usage (argparse).
+Built on argparse: it is in the standard library, so the package (which every daemon
+imports at start-up) stays free of CLI dependencies, and five flat subcommands need
+nothing more. Exit codes: 0 ok, 1 the operation failed, 2 bad usage (argparse).
 """
 
 from __future__ import annotations
@@ -63,6 +65,107 @@ def _ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    root = Path(args.root)
+    try:
+        step = args.step if args.step is not None else _storage.read_latest(root)
+        if step is None:
+            raise CheckpointError(f"no committed checkpoint in {root}")
+        metadata = _storage.verify(_storage.step_dir(root, step))
+    except CheckpointError as exc:
+        print(f"aiodcp: {exc}", file=sys.stderr)
+        return 1
+    rows: list[dict[str, Any]] = []
+    for fqn, meta in sorted(metadata.state_dict_metadata.items()):
+        props = getattr(meta, "properties", None)
+        if props is None:
+            rows.append({"key": fqn, "kind": "object"})
+            continue
+        shape = list(meta.size)
+        numel = 1
+        for d in shape:
+            numel *= d
+        itemsize = props.dtype.itemsize
+        rows.append(
+            {
+                "key": fqn,
+                "kind": "tensor",
+                "dtype": str(props.dtype).removeprefix("torch."),
+                "shape": shape,
+                "bytes": numel * itemsize,
+                "chunks": len(meta.chunks),
+            }
+        )
+    if args.json:
+        print(json.dumps({"step": step, "entries": rows}, indent=2))
+        return 0
+    print(f"step {step} ({_storage.step_dir(root, step)})")
+    for r in rows:
+        if r["kind"] == "object":
+            print(f"  {r['key']:<40} python object")
+        else:
+            print(
+                f"  {r['key']:<40} {r['dtype']:<10} {tuple(r['shape'])!s:<18}"
+                f" {r['bytes'] / 2**20:>9.2f} MiB  {r['chunks']} chunk(s)"
+            )
+    total = sum(r.get("bytes", 0) for r in rows)
+    print(f"  {len(rows)} entries, {total / 2**20:.2f} MiB of tensors")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import asyncio
+    import tempfile
+
+    root = args.root or tempfile.mkdtemp(prefix="aiodcp-demo-")
+    return asyncio.run(_demo_loop(root, args.steps, args.every))
+
+
+async def _demo_loop(root: str, steps: int, every: int) -> int:
+    import torch
+
+    from ._checkpointer import AsyncCheckpointer, SaveEvent
+
+    tty = sys.stdout.isatty()
+
+    def show(event: SaveEvent) -> None:
+        if event.phase == "writing" and not tty:
+            return  # plain output: one line per phase change, no progress spam
+        done = event.bytes_written / event.total_bytes if event.total_bytes else 1.0
+        bar = "#" * int(done * 20)
+        line = (
+            f"step {event.step:>4} {event.phase:<9} [{bar:<20}] "
+            f"{event.bytes_written / 2**20:7.1f}/{event.total_bytes / 2**20:.1f} MiB "
+            f"{event.seconds:6.2f}s"
+        )
+        end = "\r" if tty and event.phase == "writing" else "\n"
+        print(line, end=end, flush=True)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(512, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 512)
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    print(
+        f"demo: training a {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-parameter "
+        f"MLP, checkpointing every {every} steps into {root}"
+    )
+    async with AsyncCheckpointer(root, keep_last=2, on_event=show) as ckpt:
+        for step in range(steps):
+            x = torch.randn(64, 512)
+            loss = (model(x) - x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step % every == 0:
+                await ckpt.save({"model": model, "optim": opt, "loss": loss.item()}, step=step)
+        await ckpt.wait()
+        kept = await ckpt.steps()
+    print(f"demo: done; committed steps kept (keep_last=2): {kept}")
+    print(f"demo: try `aiodcp ls {root}` and `aiodcp inspect {root}`")
+    return 0
+
+
 def _gc(args: argparse.Namespace) -> int:
     root = Path(args.root)
     lock = _storage.WriterLock(root)
@@ -92,6 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     p_ls = sub.add_parser("ls", help="list steps (committed and partial) under ROOT")
     p_ls.add_argument("root")
     p_ls.add_argument("--json", action="store_true")
+    p_in = sub.add_parser("inspect", help="tensors of a step: dtype, shape, bytes")
+    p_in.add_argument("root")
+    p_in.add_argument("--step", type=int, default=None, help="default: the latest")
+    p_in.add_argument("--json", action="store_true")
+    p_demo = sub.add_parser("demo", help="a short async training loop with checkpointing")
+    p_demo.add_argument("--root", default=None, help="default: a new temporary directory")
+    p_demo.add_argument("--steps", type=int, default=60)
+    p_demo.add_argument("--every", type=int, default=20)
     p_gc = sub.add_parser("gc", help="remove leftovers of interrupted saves under ROOT")
     p_gc.add_argument("root")
     p_gc.add_argument("--dry-run", action="store_true")
@@ -103,4 +214,5 @@ def main(argv: list[str] | None = None) -> int:
         return bench(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return {"ls": _ls, "gc": _gc}[args.cmd](args)
+    commands = {"ls": _ls, "inspect": _inspect, "gc": _gc, "demo": _demo}
+    return commands[args.cmd](args)

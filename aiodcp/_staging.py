@@ -14,6 +14,8 @@ worker thread, never on the event loop.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import io
 import mmap
@@ -310,10 +312,21 @@ _MADV_POPULATE_WRITE = 23
 
 
 def _populate(mm: mmap.mmap, advice: int) -> None:
+    """Fault a whole mapping in at once. Through ctypes, which releases the GIL
+    (``mmap.madvise`` holds it, and would stall the event loop's thread meanwhile)."""
+    global _madvise
+    if _madvise is None:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        _madvise = libc.madvise
+        _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     try:
-        mm.madvise(advice)
-    except (OSError, ValueError):  # older kernels: the first touch faults them in instead
-        pass
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    except TypeError:  # a read-only mapping (the daemon's)
+        addr = torch.frombuffer(mm, dtype=torch.uint8).data_ptr()
+    _madvise(addr, len(mm), advice)  # older kernels: EINVAL; the first touch faults instead
+
+
+_madvise: Any = None
 
 
 # --------------------------------------------------------------- daemon side

@@ -53,6 +53,27 @@ def daemon_pids() -> set[int]:
     return out
 
 
+def torchrun(*args: str) -> list[str]:
+    """A torchrun command line for 2 ranks on loopback, on a free port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port),
+        *args,
+    ]
+
+
 def run_script(
     code: str,
     *args: str,

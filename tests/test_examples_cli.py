@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import REPO
+from .conftest import REPO, torchrun
 
 
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -26,6 +26,13 @@ def test_training_example_runs_and_resumes(tmp_path: Path) -> None:
     assert "resumed from step 40" in second.stdout
 
 
+def test_cli_demo(tmp_path: Path) -> None:
+    r = _run("-m", "aiodcp", "demo", "--root", "demo", "--steps", "41", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "committed" in r.stdout and "[20, 40]" in r.stdout
+    assert "writing" not in r.stdout  # not a terminal: no progress spam
+
+
 def test_rl_actor_learner_example(tmp_path: Path) -> None:
     """Actors in separate processes follow every published policy, never a partial one."""
     example = str(REPO / "examples" / "rl_actor_learner.py")
@@ -38,26 +45,9 @@ def test_rl_actor_learner_example(tmp_path: Path) -> None:
 
 
 def test_multirank_example_under_torchrun(tmp_path: Path) -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     example = str(REPO / "examples" / "multirank_torchrun.py")
-    r = _run(
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(port),
-        example,
-        "--root",
-        "mr",
-        cwd=tmp_path,
-    )
+    cmd = torchrun(example, "--root", "mr")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rank 0 reloaded step 2; committed: [1, 2]" in r.stdout
 
@@ -78,4 +68,18 @@ def test_cli_ls_and_gc(tmp_path: Path) -> None:
     assert _run("-m", "aiodcp", "gc", "ck", cwd=tmp_path).returncode == 0
     assert not (tmp_path / "ck" / ".tmp-step_99-dead").exists()
     assert _run("-m", "aiodcp", "ls", "missing", cwd=tmp_path).returncode == 1
+    inspect = _run("-m", "aiodcp", "inspect", "ck", "--json", cwd=tmp_path)
+    assert inspect.returncode == 0, inspect.stderr
+    report = json.loads(inspect.stdout)
+    assert report["step"] == 20
+    weight = next(e for e in report["entries"] if e["key"] == "model.0.weight")
+    assert weight == {
+        "key": "model.0.weight",
+        "kind": "tensor",
+        "dtype": "float32",
+        "shape": [256, 64],
+        "bytes": 256 * 64 * 4,
+        "chunks": 1,
+    }
+    assert _run("-m", "aiodcp", "inspect", "ck", "--step", "7", cwd=tmp_path).returncode == 1
     assert _run("-m", "aiodcp", "frobnicate", cwd=tmp_path).returncode == 2

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, run_script
+from .conftest import REPO, run_script, torchrun
 
 WORKER = REPO / "tests" / "multirank_worker.py"
 
@@ -22,12 +20,6 @@ asyncio.run(main())
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("mode", ["fresh-port", "prefix"])
 def test_two_ranks(tmp_path: Path, mode: str) -> None:
@@ -36,21 +28,7 @@ def test_two_ranks(tmp_path: Path, mode: str) -> None:
     one = tmp_path / "one"
     r = run_script(ONE_RANK, str(one))
     assert r.returncode == 0, r.stderr
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(_free_port()),
-        str(WORKER),
-        str(tmp_path / "ckpt"),
-        str(one),
-        mode,
-    ]
+    cmd = torchrun(str(WORKER), str(tmp_path / "ckpt"), str(one), mode)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=220, cwd=tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
