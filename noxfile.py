@@ -27,19 +27,21 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict on the package."""
+    """mypy --strict and pyright on the package."""
     session.install(TORCH)
-    session.install("-e", ".[dev]")
+    session.install("-e", ".[dev]", "pyright")
     session.run("mypy")
+    session.run("pyright", "aiodcp")
 
 
 @nox.session
 def examples(session: nox.Session) -> None:
     """Run every example at a small size."""
     session.install(TORCH)
-    session.install("-e", ".")
-    tmp = session.create_tmp()
-    session.run("python", "examples/async_training_loop.py", "--root", f"{tmp}/ckpt", "--steps", "40")
+    session.install("-e", ".[test]")
+    session.run(
+        "python", "-m", "pytest", "-q", "tests/test_examples_cli.py", "tests/test_notebook.py"
+    )
 
 
 @nox.session

@@ -111,7 +111,7 @@ async def _run(
     for name, fn in methods:
         await fn()  # warm-up (PROCESS: spawns its daemon)
         samples = [await _lagged(fn) for _ in range(saves)]
-        rows.append((name, *(statistics.median(x) for x in zip(*samples, strict=True))))
+        rows.append((name, *_medians(samples)))
         await asyncio.to_thread(shutil.rmtree, directory, ignore_errors=True)
         await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
 
@@ -136,13 +136,18 @@ async def _run(
             after_one = _pss(os.getpid()) + _pss(ckpt.worker_pid)
             samples = [await _lagged(ours) for _ in range(max(saves, rss_saves))]
             after_n = _pss(os.getpid()) + _pss(ckpt.worker_pid)
-            rows.append(("aiodcp", *(statistics.median(x) for x in zip(*samples, strict=True))))
+            rows.append(("aiodcp", *_medians(samples)))
             print(
                 f"  aiodcp host memory (PSS, trainer + daemon) above the state: "
                 f"{(after_one - before) / nbytes:.2f}x state after 1 save, "
                 f"{(after_n - before) / nbytes:.2f}x after {1 + len(samples)} saves"
             )
     return rows
+
+
+def _medians(samples: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+    stall, e2e, lag = (statistics.median(x) for x in zip(*samples, strict=True))
+    return stall, e2e, lag
 
 
 def _pss(pid: int) -> int:

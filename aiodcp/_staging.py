@@ -253,6 +253,8 @@ class Arena:
         """Page-lock the arena for asynchronous device-to-host copies (CUDA)."""
         if not self.pinned and torch.cuda.is_available():
             cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
+            if cudart is None:
+                raise RuntimeError("CUDA runtime is unavailable: cannot pin the arena")
             rc = cudart.cudaHostRegister(self.base.data_ptr(), self.base.numel(), 0)
             if int(rc) != 0:
                 raise RuntimeError(f"cudaHostRegister failed with {rc}")

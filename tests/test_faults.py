@@ -164,6 +164,18 @@ async def test_disk_full_fails_the_save_keeps_older_steps_and_the_daemon(tiny_fs
     assert await aiodcp.load(out, root, step=0) == 0 and torch.equal(out["x"], torch.ones(1000))
 
 
+async def test_read_only_root_is_a_clear_error_and_old_steps_still_load(tiny_fs: Path) -> None:
+    root = tiny_fs / "ckpt"
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:
+        await (await ckpt.save({"x": torch.ones(10)}))
+    await anyio.run_process(["mount", "-o", "remount,ro", str(tiny_fs)])
+    with pytest.raises(aiodcp.CheckpointError, match="not writable"):
+        async with aiodcp.AsyncCheckpointer(root):
+            pass
+    out = {"x": torch.zeros(10)}
+    assert await aiodcp.load(out, root) == 0 and torch.equal(out["x"], torch.ones(10))
+
+
 async def test_damaged_checkpoint_never_loads_silently(root: Path) -> None:
     async with aiodcp.AsyncCheckpointer(root) as ckpt:
         path = (await (await ckpt.save(_state()))).path
