@@ -123,6 +123,7 @@ class SaveHandle:
         return self._result
 
     async def wait(self) -> SaveResult:
+        """Same as ``await handle``."""
         await self._event.wait()
         return self.result()
 
@@ -260,7 +261,7 @@ class AsyncCheckpointer:
         self._state: Literal["new", "opening", "open", "closing", "closed"] = "new"
         self._host_close: anyio.Event | None = None
         self._host_done: anyio.Event | None = None
-        self._host_task: Any = None
+        self._host_task: Any = None  # a strong reference: asyncio keeps only weak ones
         self._body_scope: anyio.CancelScope | None = None
         self.preempted: int | None = None
         """The signal that ended the block, after ``handle_signals``; else None."""

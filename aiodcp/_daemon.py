@@ -105,7 +105,6 @@ class Daemon:
         self.todo: queue.Queue[_Request | None] = queue.Queue()
         self.stop = threading.Event()
         self.stop_reason = ""
-        self.current: _Request | None = None
         self.tmp_dirs: set[Path] = set()
         self.pg: Any = None
         self.meshes: dict[Any, Any] = {}
@@ -284,13 +283,10 @@ class Daemon:
                 self.stop_reason = self.stop_reason or "terminate"
                 self.stop.set()
                 return
-            req = item
-            self.current = req
             try:
-                self._save(req)
+                self._save(item)
             finally:
-                self.current = None
-                self.requests.pop(req.msg.req_id, None)
+                self.requests.pop(item.msg.req_id, None)
             if self.stop.is_set():
                 return
 

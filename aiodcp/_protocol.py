@@ -28,10 +28,9 @@ import dataclasses
 import enum
 import json
 import struct
-import types
 import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final, Union
+from typing import Any, ClassVar, Final
 
 from ._errors import ProtocolError
 
@@ -321,12 +320,6 @@ def _check(name: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, list):
             raise bad
         return tuple(_tensor_spec(name, v) for v in value)
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):  # pragma: no cover - no optional fields yet
-        if value is None and type(None) in typing.get_args(tp):
-            return None
-        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _check(name, value, inner)
     raise AssertionError(f"unsupported field type {tp}")  # pragma: no cover
 
 

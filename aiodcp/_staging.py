@@ -23,7 +23,7 @@ import os
 import pickle
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -87,11 +87,9 @@ class Flat:
     skeleton: dict[str, Any]
     tensors: list[torch.Tensor]
     paths: list[str]
-    leaf_bytes: int = 0
     fingerprint: str = ""
     specs: tuple[TensorSpec, ...] = ()
     nbytes: int = 0
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def _path(parent: str, key: object) -> str:
@@ -112,11 +110,9 @@ def flatten(state_dict: Mapping[str, Any]) -> Flat:
         raise TypeError(f"state_dict must be a mapping, not {type(state_dict).__name__}")
     tensors: list[torch.Tensor] = []
     paths: list[str] = []
-    leaf_bytes = 0
     dtensor_cls = _dtensor_class()
 
     def walk(value: Any, path: str) -> Any:
-        nonlocal leaf_bytes
         if isinstance(value, torch.Tensor):
             if dtensor_cls is not None and isinstance(value, dtensor_cls):
                 local = value.to_local()  # type: ignore[attr-defined]
@@ -154,7 +150,6 @@ def flatten(state_dict: Mapping[str, Any]) -> Flat:
             raise TypeError(
                 f"{path} ({type(value).__name__}) cannot be sent to the checkpoint daemon: {exc}"
             ) from exc
-        leaf_bytes += buf.tell()
         return PickledLeaf(buf.getvalue())
 
     skeleton: dict[str, Any] = {}
@@ -164,7 +159,7 @@ def flatten(state_dict: Mapping[str, Any]) -> Flat:
         if isinstance(value, Stateful) and not isinstance(value, torch.Tensor):
             value = value.state_dict()
         skeleton[key] = walk(value, f"state_dict[{key!r}]")
-    flat = Flat(skeleton, tensors, paths, leaf_bytes)
+    flat = Flat(skeleton, tensors, paths)
     flat.specs, flat.nbytes, flat.fingerprint = layout_of(flat)
     return flat
 

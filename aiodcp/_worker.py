@@ -175,7 +175,12 @@ class Worker:
                     assert isinstance(ev, p.Message)
                     self._handle(ev)
         except ProtocolError as exc:
-            log.error("protocol error from daemon pid %d: %s; killing it", self.pid, exc)
+            log.error(
+                "[rank %d] protocol error from daemon pid %d: %s; killing it",
+                self.rank,
+                self.pid,
+                exc,
+            )
             self._kill_now()
 
     def _handle(self, msg: p.Message) -> None:
@@ -213,7 +218,12 @@ class Worker:
         self.exited.set()
         self._outbox.close()
         if not self.terminating:
-            log.warning("checkpoint daemon pid %d %s", self.pid, describe_exit(self.returncode))
+            log.warning(
+                "[rank %d] checkpoint daemon pid %d %s",
+                self.rank,
+                self.pid,
+                describe_exit(self.returncode),
+            )
         self.on_exit(self)
         with anyio.CancelScope(shield=True):
             await self.stream.aclose()

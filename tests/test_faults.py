@@ -233,23 +233,38 @@ async def test_trainer_sigkill_daemon_exits_and_next_start_is_clean(
 
 
 async def test_random_sigkills_never_publish_a_partial(root: Path, slow_write: None) -> None:
-    """Kill the daemon at random moments across many saves; after each: every committed
-    step loads bit-exact, nothing partial is listed, and the next save works."""
+    """Kill the daemon at random moments across many saves -- while the parent stages,
+    persists or commits; after each: every committed step loads bit-exact, nothing
+    partial is listed, and the next save works."""
     rng = random.Random(1234)
     expected: dict[int, float] = {}
+    big = {f"b{i}": torch.randn(2_000_000) for i in range(4)}  # 32 MiB: staging takes a while
     async with aiodcp.AsyncCheckpointer(root) as ckpt:
-        for i in range(6):
+        for i in range(8):
             value = float(i * 10)
-            handle = await ckpt.save(_state(value, n=4), step=i)
+            await ckpt.prepare(_state(n=4))  # (re)starts the daemon if the last one was killed
             pid = ckpt.worker_pid
             assert pid is not None
-            await anyio.sleep(rng.uniform(0.0, 0.8))
-            os.kill(pid, signal.SIGKILL)
-            try:
-                await handle
-                expected[i] = value  # committed before the kill
-            except WorkerDiedError:
-                pass
+            if i % 2:  # kill while the parent is still staging
+                async with anyio.create_task_group() as tg:
+
+                    async def kill_soon(pid: int = pid) -> None:
+                        await anyio.sleep(rng.uniform(0.0, 0.03))
+                        os.kill(pid, signal.SIGKILL)
+
+                    tg.start_soon(kill_soon)
+                    handle = await ckpt.save(big, step=i)
+                with pytest.raises(WorkerDiedError):
+                    await handle
+            else:  # kill during persist or commit
+                handle = await ckpt.save(_state(value, n=4), step=i)
+                await anyio.sleep(rng.uniform(0.0, 0.8))
+                os.kill(pid, signal.SIGKILL)
+                try:
+                    await handle
+                    expected[i] = value  # committed before the kill
+                except WorkerDiedError:
+                    pass
             with anyio.fail_after(1):
                 while ckpt.worker_pid == pid:  # noqa: ASYNC110
                     await anyio.sleep(0.01)
