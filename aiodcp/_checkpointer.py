@@ -182,7 +182,8 @@ class AsyncCheckpointer:
         keep_last, keep_every: retention after each commit: keep the newest
             ``keep_last`` steps and every step divisible by ``keep_every``.
         collective_timeout: seconds a collective between daemons may take.
-        thread_count: DCP ``FileSystemWriter`` threads in the daemon.
+        thread_count: DCP ``FileSystemWriter`` threads in the daemon (2 persisted
+            1 GiB at about 1.1 GiB/s here against 0.5-0.6 GiB/s with 1).
         daemon_niceness: added to the daemon's nice value (CPU and, by default,
             I/O priority), so persisting steals less from training.
         on_event: called on the event loop with each :class:`SaveEvent`.
@@ -203,7 +204,7 @@ class AsyncCheckpointer:
         keep_last: int | None = None,
         keep_every: int | None = None,
         collective_timeout: float = 600.0,
-        thread_count: int = 1,
+        thread_count: int = 2,
         daemon_niceness: int = 0,
         on_event: Callable[[SaveEvent], None] | None = None,
     ) -> None:

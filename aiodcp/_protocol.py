@@ -266,7 +266,7 @@ class DaemonConfig:
     collective_timeout: float = 600.0
     disable_automatic_gc: bool = False
     disable_manual_gc: bool = False
-    thread_count: int = 1
+    thread_count: int = 2
     sync_files: bool = True
     keep_last: int | None = None
     keep_every: int | None = None
