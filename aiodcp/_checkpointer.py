@@ -8,7 +8,7 @@ import pickle
 import signal
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -150,6 +150,8 @@ class SaveHandle:
 class _Slot:
     arena: Arena | None = None
     busy: bool = False
+    retired: list[Arena] = field(default_factory=list)
+    """Arenas this slot replaced; released (daemon and parent) on the loop."""
 
 
 class AsyncCheckpointer:
@@ -425,9 +427,10 @@ class AsyncCheckpointer:
 
         def close() -> None:
             for slot in self._slots:
-                if slot.arena is not None:
-                    slot.arena.close()
-                    slot.arena = None
+                for arena in [*slot.retired, *filter(None, [slot.arena])]:
+                    arena.close()
+                slot.retired.clear()
+                slot.arena = None
             if self._lock is not None:
                 # no daemon runs now: whatever temporaries are left are litter
                 _storage.cleanup_leftovers(self.root)
@@ -504,7 +507,7 @@ class AsyncCheckpointer:
             CheckpointExistsError: ``step`` is committed and ``overwrite`` is False.
         """
         self._check_open()
-        _check_step(step)
+        _storage.check_step(step)
         assert self._slot_free is not None
         t0 = time.perf_counter()
         if self.when_busy == "skip" and self._slot_free.value == 0:
@@ -515,20 +518,18 @@ class AsyncCheckpointer:
         chosen = self._reserve_step(step)
         try:
             worker = await self._ensure_worker()
-            flat, blob, old_arena = await anyio.to_thread.run_sync(
+            flat, blob = await anyio.to_thread.run_sync(
                 self._stage, state_dict, slot, chosen, overwrite, _cuda_stream()
             )
             # The copy itself cannot be interrupted; a cancellation that arrived
             # meanwhile aborts the save here, before anything is sent.
             await anyio.lowlevel.checkpoint_if_cancelled()
         except BaseException:
-            self._reserved.discard(chosen)
-            slot.busy = False
-            self._slot_free.release()
+            self._free_slot(slot, chosen)
             raise
         assert slot.arena is not None
         arena = slot.arena
-        self._swap_arena(worker, slot, old_arena)
+        self._announce_arena(worker, slot)
         req_id = self._next_req
         self._next_req += 1
         handle = SaveHandle(self, chosen, req_id)
@@ -548,24 +549,25 @@ class AsyncCheckpointer:
 
     def _stage(
         self, state_dict: Mapping[str, Any], slot: _Slot, step: int, overwrite: bool, stream: Any
-    ) -> tuple[Flat, bytes, Arena | None]:
+    ) -> tuple[Flat, bytes]:
         """Worker thread: flatten, (re)use an arena, copy, serialise the skeleton."""
         if not overwrite and _storage.step_dir(self.root, step).exists():
             raise CheckpointExistsError(f"step {step} already exists in {self.root}")
         flat = flatten(state_dict)
-        old = self._fit_arena(slot, flat)
+        self._fit_arena(slot, flat)
         assert slot.arena is not None
         slot.arena.stage(flat, stream=stream)
         blob = dumps_skeleton(flat.skeleton)
-        return flat, blob, old
+        return flat, blob
 
     @staticmethod
-    def _fit_arena(slot: _Slot, flat: Flat) -> Arena | None:
-        """Give ``slot`` an arena for ``flat``'s layout; return the one it replaces."""
+    def _fit_arena(slot: _Slot, flat: Flat) -> None:
+        """Give ``slot`` an arena for ``flat``'s layout, retiring the one it replaces."""
         if slot.arena is not None and slot.arena.fingerprint == flat.fingerprint:
-            return None
-        old, slot.arena = slot.arena, Arena(flat.nbytes, flat.fingerprint)
-        return old
+            return
+        if slot.arena is not None:
+            slot.retired.append(slot.arena)
+        slot.arena = Arena(flat.nbytes, flat.fingerprint)
 
     async def prepare(self, state_dict: Mapping[str, Any]) -> None:
         """Allocate and pre-fault the staging memory for ``state_dict``'s layout now.
@@ -581,33 +583,35 @@ class AsyncCheckpointer:
         for slot in self._slots:
             if slot.busy:
                 continue
-            old = await anyio.to_thread.run_sync(self._fit_arena, slot, flat)
-            self._swap_arena(worker, slot, old)
+            await anyio.to_thread.run_sync(self._fit_arena, slot, flat)
+            self._announce_arena(worker, slot)
 
-    def _swap_arena(self, worker: Worker, slot: _Slot, old: Arena | None) -> None:
-        """Tell the daemon about ``slot``'s arena (and to forget the one it replaced)."""
-        if old is not None:
+    def _announce_arena(self, worker: Worker, slot: _Slot) -> None:
+        """Tell the daemon about ``slot``'s arena and to forget those it replaced."""
+        for old in slot.retired:
             if old.arena_id in worker.arenas:
                 worker.send(p.ReleaseArena(old.arena_id))
                 worker.arenas.discard(old.arena_id)
             old.close()
+        slot.retired.clear()
         arena = slot.arena
         if arena is not None and arena.arena_id not in worker.arenas:
             worker.send(p.Arena(arena.arena_id, arena.nbytes), fd=arena.fd)
             worker.arenas.add(arena.arena_id)
 
+    def _next_step(self) -> int:
+        return max(self._high_step, max(self._reserved, default=-1)) + 1
+
     def _reserve_step(self, step: int | None) -> int:
         if step is None:
-            step = max(self._high_step, max(self._reserved, default=-1)) + 1
+            step = self._next_step()
         elif step in self._reserved:
             raise CheckpointExistsError(f"step {step} is already being saved")
         self._reserved.add(step)
         return step
 
     def _skipped(self, step: int | None, t0: float) -> SaveHandle:
-        chosen = (
-            step if step is not None else max(self._high_step, max(self._reserved, default=-1)) + 1
-        )
+        chosen = step if step is not None else self._next_step()
         handle = SaveHandle(None, chosen, -1)
         handle._observed = True
         self._emit(handle, "skipped", 0, 0)
@@ -685,8 +689,12 @@ class AsyncCheckpointer:
 
     def _release(self, handle: SaveHandle) -> None:
         self._pending.pop(handle._req_id, None)
-        self._reserved.discard(handle.step)
         slot, handle._slot = handle._slot, None
+        self._free_slot(slot, handle.step)
+
+    def _free_slot(self, slot: _Slot | None, step: int) -> None:
+        """The save of ``step`` is over (or never started): its step and slot are free."""
+        self._reserved.discard(step)
         if slot is not None and slot.busy:
             slot.busy = False
             assert self._slot_free is not None
@@ -804,15 +812,6 @@ class AsyncCheckpointer:
     ) -> AsyncIterator[int]:
         """``aiodcp.watch`` on this checkpointer's root."""
         return watch(self.root, include_latest=include_latest, poll_interval=poll_interval)
-
-
-def _check_step(step: object) -> None:
-    if step is None:
-        return
-    if not isinstance(step, int) or isinstance(step, bool):
-        raise TypeError(f"step must be an int or None, got {type(step).__name__}")
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
 
 
 def _cuda_stream() -> Any:

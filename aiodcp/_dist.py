@@ -62,33 +62,37 @@ def _free_port(addr: str) -> int:
 
 def rendezvous(group: Group, use_prefix_store: bool) -> Rendezvous:
     """Rank 0 decides where the daemons meet; every rank learns it (blocking collective)."""
-    box: list[Any] = [None]
+    mine: Any = None
     if group.rank == 0:
         token = uuid.uuid4().hex
         if use_prefix_store:
             addr = os.environ.get("MASTER_ADDR")
             port = os.environ.get("MASTER_PORT")
-            box[0] = (
+            mine = (
                 ValueError("use_prefix_store needs MASTER_ADDR and MASTER_PORT in the environment")
                 if addr is None or port is None
                 else Rendezvous(addr, int(port), token)
             )
         else:
             addr = os.environ.get("MASTER_ADDR") or socket.getfqdn()
-            box[0] = Rendezvous(addr, _free_port(addr), token)
-    src = dist.get_global_rank(group.pg, 0)
-    dist.broadcast_object_list(box, src=src, group=group.pg, device=group.device)
-    if isinstance(box[0], BaseException):
-        raise box[0]
-    result: Rendezvous = box[0]
+            mine = Rendezvous(addr, _free_port(addr), token)
+    result = _from_rank0(group, mine)
+    if isinstance(result, BaseException):
+        raise result
+    assert isinstance(result, Rendezvous)
     return result
+
+
+def _from_rank0(group: Group, obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (blocking collective)."""
+    box: list[Any] = [obj]
+    dist.broadcast_object_list(
+        box, src=dist.get_global_rank(group.pg, 0), group=group.pg, device=group.device
+    )
+    return box[0]
 
 
 def broadcast_int(group: Group, value: int | None) -> int | None:
     """Rank 0's ``value`` on every rank (blocking collective)."""
-    box: list[Any] = [value]
-    dist.broadcast_object_list(
-        box, src=dist.get_global_rank(group.pg, 0), group=group.pg, device=group.device
-    )
-    out: int | None = box[0]
+    out: int | None = _from_rank0(group, value)
     return out

@@ -32,9 +32,7 @@ def _resolve_step(root: Path, step: int | None) -> int:
 def _load_blocking(state_dict: Any, root: Path, step: int | None, group: Group) -> int:
     from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
-    from ._checkpointer import _check_step
-
-    _check_step(step)
+    _storage.check_step(step)
     if group.distributed:
         # Every rank must load the same step: rank 0 decides (-1: none found).
         mine: int | None = None

@@ -39,6 +39,7 @@ from typing import Any
 from ._errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError
 
 __all__ = [
+    "check_step",
     "append_commit",
     "read_commits",
     "abspath",
@@ -74,6 +75,16 @@ METADATA = ".metadata"
 def abspath(root: str | os.PathLike[str]) -> Path:
     """``root`` made absolute (reads the working directory: call it off the loop)."""
     return Path(os.path.abspath(root))
+
+
+def check_step(step: object) -> None:
+    """A step is a non-negative int (or None: "choose for me")."""
+    if step is None:
+        return
+    if not isinstance(step, int) or isinstance(step, bool):
+        raise TypeError(f"step must be an int or None, got {type(step).__name__}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
 
 
 def step_dir(root: Path, step: int) -> Path:
