@@ -1,14 +1,20 @@
-"""The public parent-side API: ``AsyncCheckpointer``, ``SaveHandle``, ``SaveResult``."""
+"""The public parent-side API: ``AsyncCheckpointer``.
+
+Who owns what (see also the state tables in ``_handle``, ``_generation`` and
+``_slots``): the checkpointer owns one task group; in it run the daemon
+generations (``_generation.Generation``, started by ``_supervisor.Supervisor``),
+overlapped staging tasks and the preemption task, each supervised. A save's
+handle holds its staging slot and its step from ``save()`` until it is done;
+:meth:`AsyncCheckpointer._finish` is the one place that lets them go.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import pickle
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Generator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -21,7 +27,8 @@ import sniffio
 
 from . import _protocol as p
 from . import _storage
-from ._dist import Group, rendezvous, resolve_group
+from ._arena import memfd_with
+from ._dist import Group, Rendezvous, resolve_group
 from ._errors import (
     CheckpointCancelledError,
     CheckpointError,
@@ -29,10 +36,14 @@ from ._errors import (
     SaveFailedError,
     WorkerDiedError,
 )
+from ._generation import Generation, describe_exit
+from ._guard import Guard
+from ._handle import SaveEvent, SaveHandle, SaveResult
 from ._load import load_checkpoint
-from ._staging import Arena, Flat, dumps_skeleton, flatten
+from ._slots import Slot, SlotPool
+from ._staging import dumps_skeleton, flatten
+from ._supervisor import Supervisor
 from ._watch import notify_commit, watch
-from ._worker import Worker, describe_exit
 
 __all__ = ["AsyncCheckpointer", "SaveEvent", "SaveHandle", "SaveResult"]
 
@@ -41,117 +52,6 @@ log = logging.getLogger("aiodcp")
 
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "0") == "1"
-
-
-@dataclass(frozen=True)
-class SaveResult:
-    """What a committed (or skipped) save produced."""
-
-    step: int
-    path: Path
-    metadata: Any
-    """DCP's ``Metadata`` of the checkpoint (``None`` when skipped)."""
-    nbytes: int
-    """Bytes of tensor data staged and written."""
-    stage_seconds: float
-    """Time ``save()`` held the caller: waiting for a staging slot plus the copy."""
-    persist_seconds: float
-    """Time the daemon took to write, make durable and commit."""
-    skipped: bool = False
-    """True when ``when_busy="skip"`` dropped this save; nothing was written."""
-
-
-@dataclass(frozen=True)
-class SaveEvent:
-    """Progress of one save, for UIs and notebooks (see ``on_event``)."""
-
-    step: int
-    phase: Literal["staged", "writing", "written", "committed", "failed", "skipped"]
-    bytes_written: int
-    total_bytes: int
-    seconds: float
-    """Seconds since ``save()`` was called."""
-
-
-class SaveHandle:
-    """A staged save. ``await handle`` returns its :class:`SaveResult` once committed.
-
-    Awaiting is safe to cancel (e.g. under ``anyio.fail_after``): the save goes
-    on, only the waiting stops. :meth:`cancel` cancels the save itself.
-    """
-
-    def __init__(self, owner: AsyncCheckpointer | None, step: int, req_id: int) -> None:
-        self._owner = owner
-        self.step = step
-        self._req_id = req_id
-        self._event = anyio.Event()
-        self._result: SaveResult | None = None
-        self._error: BaseException | None = None
-        self._observed = False
-        self._cancel_requested = False
-        self._t0 = time.perf_counter()
-        self._stage_seconds = 0.0
-        self._slot: _Slot | None = None
-
-    def done(self) -> bool:
-        """True once the save is committed, failed or cancelled."""
-        return self._event.is_set()
-
-    def cancel(self) -> bool:
-        """Ask the daemon to abort this save at its next write boundary.
-
-        Returns False if the save already finished. If the save reaches its
-        commit point first, it commits and ``await handle`` returns normally;
-        otherwise ``await handle`` raises :class:`CheckpointCancelledError` and
-        nothing is published. With several ranks, the step is cancelled on all.
-        """
-        if self.done():
-            return False
-        self._cancel_requested = True
-        if self._owner is not None:
-            self._owner._send_cancel(self)
-        return True
-
-    def result(self) -> SaveResult:
-        """The result of a finished save (raises its error); never waits."""
-        if not self.done():
-            raise anyio.WouldBlock(f"save of step {self.step} is still in flight")
-        self._observed = True
-        if self._error is not None:
-            raise self._error
-        assert self._result is not None
-        return self._result
-
-    async def wait(self) -> SaveResult:
-        """Same as ``await handle``."""
-        await self._event.wait()
-        return self.result()
-
-    def __await__(self) -> Generator[Any, None, SaveResult]:
-        return self.wait().__await__()
-
-    def __repr__(self) -> str:
-        state = "pending"
-        if self.done():
-            state = "failed" if self._error is not None else "committed"
-        return f"<SaveHandle step={self.step} {state}>"
-
-    # -- owner side
-    def _finish(self, result: SaveResult | None, error: BaseException | None) -> None:
-        if self.done():
-            return
-        self._result, self._error = result, error
-        if isinstance(error, CheckpointCancelledError) and self._cancel_requested:
-            self._observed = True  # the caller asked for it
-        self._event.set()
-
-
-@dataclass
-class _Slot:
-    arena: Arena | None = None
-    busy: bool = False
-    retired: list[Arena] = field(default_factory=list)
-    """Arenas this slot replaced; released (daemon and parent) on the loop."""
 
 
 class AsyncCheckpointer:
@@ -251,12 +151,10 @@ class AsyncCheckpointer:
 
         self._group: Group | None = None
         self._tg: anyio.abc.TaskGroup | None = None
-        self._worker: Worker | None = None
-        self._worker_lock: anyio.Lock | None = None
-        self._slots = [_Slot() for _ in range(max_inflight)]
-        self._slot_free: anyio.Semaphore | None = None
-        self._pending: dict[int, SaveHandle] = {}
-        self._handles: list[SaveHandle] = []
+        self._daemons: Supervisor | None = None
+        self._slots = SlotPool(max_inflight)
+        self._inflight: set[SaveHandle] = set()  # staging or persisting
+        self._unobserved: list[SaveHandle] = []  # failed, nobody has seen the error yet
         self._next_req = 0
         self._high_step = -1
         self._reserved: set[int] = set()
@@ -272,9 +170,9 @@ class AsyncCheckpointer:
     # ------------------------------------------------------------- lifecycle
     @property
     def worker_pid(self) -> int | None:
-        """The daemon's pid, or None when no daemon is running."""
-        w = self._worker
-        return w.pid if w is not None and w.alive else None
+        """The daemon's pid, or None when no daemon is serving."""
+        gen = self._daemons.current if self._daemons is not None else None
+        return gen.pid if gen is not None and gen.alive else None
 
     @property
     def rank(self) -> int:
@@ -334,16 +232,27 @@ class AsyncCheckpointer:
             raise RuntimeError("an AsyncCheckpointer can be opened only once")
         self._state = "opening"
         self._group = resolve_group(self._process_group)
-        self._worker_lock = anyio.Lock()
-        self._slot_free = anyio.Semaphore(self.max_inflight)
         await anyio.to_thread.run_sync(self._prepare_root)
 
     async def _finish_open(self) -> AsyncCheckpointer:
+        assert self._tg is not None and self._group is not None
+        self._daemons = Supervisor(
+            self._tg,
+            self._group,
+            self._daemon_config,
+            init_timeout=self.init_timeout,
+            agree_timeout=self.collective_timeout,
+            shutdown_timeout=self.shutdown_timeout,
+            use_prefix_store=self.use_prefix_store,
+            on_message=self._on_message,
+            on_exit=self._on_exit,
+        )
         self._state = "open"
         try:
-            await self._ensure_worker()
+            await self._daemons.start()
         except BaseException:
             self._state = "closing"
+            await self._daemons.stop()
             await self._close_task_group()
             with anyio.CancelScope(shield=True):
                 await self._close_resources()
@@ -351,7 +260,8 @@ class AsyncCheckpointer:
         return self
 
     async def _close_task_group(self) -> None:
-        """Stop our tasks. They never raise, so nothing is wrapped in an ExceptionGroup."""
+        """Stop our tasks. They never raise (all supervised), so nothing is wrapped in
+        an ExceptionGroup; each is bounded, so this is too."""
         assert self._tg is not None
         if self._host_close is not None and self._host_done is not None:
             self._host_close.set()
@@ -374,8 +284,29 @@ class AsyncCheckpointer:
             removed = _storage.cleanup_leftovers(self.root)
             if removed:
                 log.info("removed %d leftovers of interrupted saves in %s", len(removed), self.root)
-        latest = _storage.read_latest(self.root)
-        self._high_step = -1 if latest is None else latest
+        self._high_step = max(self._high_step, _latest_on_disk(self.root, self.rank))
+
+    def _daemon_config(self, rdv: Rendezvous | None) -> p.DaemonConfig:
+        group = self._group
+        assert group is not None
+        return p.DaemonConfig(
+            root=str(self.root),
+            rank=group.rank,
+            world_size=group.world_size if group.distributed else 1,
+            master_addr=rdv.master_addr if rdv else "",
+            master_port=rdv.master_port if rdv else 0,
+            use_prefix_store=self.use_prefix_store,
+            token=rdv.token if rdv else "",
+            init_timeout=self.init_timeout,
+            collective_timeout=self.collective_timeout,
+            disable_automatic_gc=self.disable_automatic_gc,
+            disable_manual_gc=self.disable_manual_gc,
+            thread_count=self.thread_count,
+            niceness=self.daemon_niceness,
+            keep_last=self.keep_last,
+            keep_every=self.keep_every,
+            log_level=logging.getLogger("aiodcp").getEffectiveLevel(),
+        )
 
     async def __aexit__(
         self,
@@ -385,7 +316,7 @@ class AsyncCheckpointer:
     ) -> bool | None:
         if self._state in ("closing", "closed"):
             return None  # aclose() twice is harmless
-        assert self._tg is not None
+        assert self._tg is not None and self._daemons is not None
         preempted = False
         if self._body_scope is not None:
             scope, self._body_scope = self._body_scope, None
@@ -398,13 +329,12 @@ class AsyncCheckpointer:
                 except CheckpointError as e:
                     error = e
             else:
-                for handle in list(self._pending.values()):
+                for handle in list(self._inflight):
                     handle.cancel()
         finally:
+            # Bounded from here on, whatever raised where: shutdown_timeout + ~15 s.
             self._state = "closing"
-            with anyio.CancelScope(shield=True):
-                if self._worker is not None:
-                    await self._worker.shutdown(self.shutdown_timeout)
+            await self._daemons.stop()
             await self._close_task_group()
             with anyio.CancelScope(shield=True):
                 await self._close_resources()
@@ -416,21 +346,18 @@ class AsyncCheckpointer:
         return None
 
     async def _close_resources(self) -> None:
-        for handle in list(self._pending.values()):
-            handle._finish(
+        for handle in list(self._inflight):
+            self._finish(
+                handle,
                 None,
                 CheckpointCancelledError(
                     f"save of step {handle.step} cancelled: checkpointer closed", step=handle.step
                 ),
             )
-        self._pending.clear()
 
         def close() -> None:
-            for slot in self._slots:
-                for arena in [*slot.retired, *filter(None, [slot.arena])]:
-                    arena.close()
-                slot.retired.clear()
-                slot.arena = None
+            for slot in self._slots.slots:
+                slot.close()
             if self._lock is not None:
                 # no daemon runs now: whatever temporaries are left are litter
                 _storage.cleanup_leftovers(self.root)
@@ -446,46 +373,18 @@ class AsyncCheckpointer:
                 "(or `ckpt = await AsyncCheckpointer(...).start()` in a notebook)"
             )
 
-    async def _ensure_worker(self) -> Worker:
-        """The live daemon, starting a fresh one if there is none (all ranks together)."""
-        assert self._worker_lock is not None and self._group is not None and self._tg is not None
-        async with self._worker_lock:
-            if self._worker is not None and self._worker.alive:
-                return self._worker
-            group = self._group
-            if self._worker is not None and group.rank == 0:
-                # the previous daemon died: its saves failed, their temporaries are litter
-                await anyio.to_thread.run_sync(_storage.cleanup_leftovers, self.root)
-            rdv = None
-            if group.distributed:
-                rdv = await anyio.to_thread.run_sync(rendezvous, group, self.use_prefix_store)
-            config = p.DaemonConfig(
-                root=str(self.root),
-                rank=group.rank,
-                world_size=group.world_size if group.distributed else 1,
-                master_addr=rdv.master_addr if rdv else "",
-                master_port=rdv.master_port if rdv else 0,
-                use_prefix_store=self.use_prefix_store,
-                token=rdv.token if rdv else "",
-                init_timeout=self.init_timeout,
-                collective_timeout=self.collective_timeout,
-                disable_automatic_gc=self.disable_automatic_gc,
-                disable_manual_gc=self.disable_manual_gc,
-                thread_count=self.thread_count,
-                niceness=self.daemon_niceness,
-                keep_last=self.keep_last,
-                keep_every=self.keep_every,
-                log_level=logging.getLogger("aiodcp").getEffectiveLevel(),
-            )
-            self._worker = await Worker.start(
-                self._tg,
-                config,
-                init_timeout=self.init_timeout,
-                on_message=self._on_message,
-                on_exit=self._on_exit,
-            )
-            log.info("checkpoint daemon pid %d ready (rank %d)", self._worker.pid, group.rank)
-            return self._worker
+    def _spawn(self, fn: Callable[..., Awaitable[None]], *args: Any, name: str) -> None:
+        """Start one of our tasks, supervised: an exception is logged, never propagated
+        into the task group (where it would cancel the daemon's tasks)."""
+        assert self._tg is not None
+
+        async def supervised() -> None:
+            try:
+                await fn(*args)
+            except Exception:
+                log.exception("aiodcp task %r failed", name)
+
+        self._tg.start_soon(supervised, name=name)
 
     # ------------------------------------------------------------------ save
     async def save(
@@ -494,110 +393,163 @@ class AsyncCheckpointer:
         *,
         step: int | None = None,
         overwrite: bool = False,
+        overlap: bool = False,
     ) -> SaveHandle:
-        """Stage ``state_dict`` and start persisting it as ``step``; return once staged.
+        """Stage ``state_dict`` and start persisting it as ``step``.
 
-        After this returns the caller may change every tensor in place: the
-        checkpoint holds the values at the time of the call. ``step=None`` is
-        the latest step + 1 (0 for an empty root). Cancelling the caller while
-        it stages aborts the save (nothing is written) and re-raises.
+        By default this returns once staged: the caller may then change every
+        tensor in place, the checkpoint holds the values at the time of the call.
+        With ``overlap=True`` it returns at once and the copy runs in a worker
+        thread (GIL released) while the caller goes on: the tensors must not be
+        mutated until ``await handle.staged()`` -- :meth:`guard` makes an
+        optimizer wait for that by itself. Either way the daemon starts
+        persisting as soon as the copy is done, without waiting for the caller
+        to yield to the event loop. ``step=None`` is the latest step + 1.
+
+        Cancelling the caller while it stages aborts the save (nothing is
+        written) and re-raises.
 
         Raises:
-            TypeError: a value cannot be sent to the daemon (the key path is named).
-            CheckpointExistsError: ``step`` is committed and ``overwrite`` is False.
+            TypeError: a value cannot be sent to the daemon (the key path is named;
+                with ``overlap=True`` the handle fails with it instead).
+            CheckpointExistsError: ``step`` is committed or already being saved,
+                and ``overwrite`` is False.
         """
         self._check_open()
         _storage.check_step(step)
-        assert self._slot_free is not None
+        assert self._daemons is not None
         t0 = time.perf_counter()
-        if self.when_busy == "skip" and self._slot_free.value == 0:
-            return self._skipped(step, t0)
-        await self._slot_free.acquire()
-        slot = next(s for s in self._slots if not s.busy)
-        slot.busy = True
-        chosen = self._reserve_step(step)
-        try:
-            worker = await self._ensure_worker()
-            flat, blob = await anyio.to_thread.run_sync(
-                self._stage, state_dict, slot, chosen, overwrite, _cuda_stream()
-            )
-            # The copy itself cannot be interrupted; a cancellation that arrived
-            # meanwhile aborts the save here, before anything is sent.
-            await anyio.lowlevel.checkpoint_if_cancelled()
-        except BaseException:
-            self._free_slot(slot, chosen)
-            raise
-        assert slot.arena is not None
-        arena = slot.arena
-        self._announce_arena(worker, slot)
-        req_id = self._next_req
-        self._next_req += 1
-        handle = SaveHandle(self, chosen, req_id)
+        handle = SaveHandle(-1, self._send_cancel)
         handle._t0 = t0
-        handle._stage_seconds = time.perf_counter() - t0
+        if self.when_busy == "skip" and not self._slots.any_free:
+            return self._skipped(step, t0)
+        slot = await self._slots.take(handle)
         handle._slot = slot
-        self._pending[req_id] = handle
-        self._handles.append(handle)
-        self._handles = [h for h in self._handles if not (h.done() and h._observed)]
-        sent = worker.send(
-            p.Save(req_id, chosen, arena.arena_id, flat.specs, overwrite=overwrite, blob=blob)
-        )
-        self._emit(handle, "staged", 0, flat.nbytes)
-        if not sent:  # the daemon died while we staged
-            self._fail(handle, self._died_error(worker, chosen))
+        try:
+            handle.step = self._reserve_step(step)
+            self._inflight.add(handle)
+            gen = await self._daemons.for_save()
+        except BaseException as exc:
+            self._finish(handle, None, exc if isinstance(exc, Exception) else None)
+            raise
+        stream = _cuda_stream()
+        if overlap:
+            self._spawn(self._stage, handle, gen, state_dict, overwrite, stream, name="stage")
+            return handle
+        await self._stage(handle, gen, state_dict, overwrite, stream, raise_errors=True)
         return handle
 
-    def _stage(
-        self, state_dict: Mapping[str, Any], slot: _Slot, step: int, overwrite: bool, stream: Any
-    ) -> tuple[Flat, bytes]:
-        """Worker thread: flatten, (re)use an arena, copy, serialise the skeleton."""
+    async def _stage(
+        self,
+        handle: SaveHandle,
+        gen: Generation,
+        state_dict: Mapping[str, Any],
+        overwrite: bool,
+        stream: Any,
+        *,
+        raise_errors: bool = False,
+    ) -> None:
+        """Copy into the handle's slot and send the save to ``gen``: the handle (holding
+        the slot and the step) is finished here on any failure, before or after."""
+        slot = handle._slot
+        try:
+            fd, nbytes = await anyio.to_thread.run_sync(
+                self._stage_blocking, state_dict, handle, overwrite, stream
+            )
+            try:
+                handle._staged_event.set()
+                # The copy cannot be interrupted; a cancellation that arrived
+                # meanwhile aborts the save here, before anything is sent.
+                await anyio.lowlevel.checkpoint_if_cancelled()
+                if handle._cancel_requested:
+                    raise CheckpointCancelledError(
+                        f"save of step {handle.step} was cancelled while staging; "
+                        "nothing was published",
+                        step=handle.step,
+                    )
+                self._send_save(handle, gen, slot, fd, nbytes, overwrite)
+            finally:
+                os.close(fd)
+        except BaseException as exc:
+            error = (
+                exc
+                if isinstance(exc, Exception)
+                else CheckpointCancelledError(
+                    f"save of step {handle.step} was cancelled while staging", step=handle.step
+                )
+            )
+            if self._finish(handle, None, error) and not raise_errors:
+                self._unobserved.append(handle)
+            if raise_errors or not isinstance(exc, Exception):
+                handle._observed = True
+                raise
+            return
+        self._emit(handle, "staged", 0, handle._nbytes)
+
+    def _stage_blocking(
+        self, state_dict: Mapping[str, Any], handle: SaveHandle, overwrite: bool, stream: Any
+    ) -> tuple[int, int]:
+        """Worker thread: flatten, fit the slot's arena, copy, write the skeleton memfd."""
+        step = handle.step
         if not overwrite and _storage.step_dir(self.root, step).exists():
             raise CheckpointExistsError(f"step {step} already exists in {self.root}")
         flat = flatten(state_dict)
-        self._fit_arena(slot, flat)
-        assert slot.arena is not None
-        slot.arena.stage(flat, stream=stream)
+        slot = handle._slot
+        arena = slot.fit(flat)
+        arena.stage(flat, stream=stream)
+        handle._nbytes = arena.used_bytes
+        handle._stage_seconds = time.perf_counter() - handle._t0
+        handle._staged_flag.set()  # the sources may change now (guards wake up here)
         blob = dumps_skeleton(flat.skeleton)
-        return flat, blob
+        return memfd_with(blob, f"aiodcp-skeleton-{step}"), len(blob)
 
-    @staticmethod
-    def _fit_arena(slot: _Slot, flat: Flat) -> None:
-        """Give ``slot`` an arena for ``flat``'s layout, retiring the one it replaces."""
-        if slot.arena is not None and slot.arena.fingerprint == flat.fingerprint:
-            return
-        if slot.arena is not None:
-            slot.retired.append(slot.arena)
-        slot.arena = Arena(flat.nbytes, flat.fingerprint)
+    def _send_save(
+        self, handle: SaveHandle, gen: Generation, slot: Slot, fd: int, nbytes: int, ow: bool
+    ) -> None:
+        """Hand the handle to ``gen`` (on the loop, no await in between: atomic)."""
+        if not gen.alive:
+            raise WorkerDiedError(
+                f"checkpoint daemon (pid {gen.pid}) {describe_exit(gen.returncode)} while "
+                f"step {handle.step} was staged; the step was not published",
+                returncode=gen.returncode,
+                step=handle.step,
+            )
+        slot.announce(gen)
+        assert slot.arena is not None
+        handle._req_id = self._next_req
+        self._next_req += 1
+        handle._gen = gen
+        gen.pending[handle._req_id] = handle
+        gen.send(p.Save(handle._req_id, handle.step, slot.arena.arena_id, nbytes, ow), fd=fd)
+        if slot.retired:
+            self._spawn(anyio.to_thread.run_sync, slot.close_retired, name="close arenas")
 
     async def prepare(self, state_dict: Mapping[str, Any]) -> None:
         """Allocate and pre-fault the staging memory for ``state_dict``'s layout now.
 
         Optional: call it once before the training loop and the first ``save()``
         stalls no longer than the later ones (the arena's page faults happen
-        here instead). Nothing is saved. A later layout change simply gets a new arena.
+        here instead). Nothing is saved. Slots that a save holds are left alone:
+        ``prepare()`` never shares a slot with a save. A later layout change
+        simply gets a new arena.
         """
         self._check_open()
-        assert self._slot_free is not None
+        assert self._daemons is not None
         flat = await anyio.to_thread.run_sync(flatten, state_dict)
-        worker = await self._ensure_worker()
-        for slot in self._slots:
-            if slot.busy:
-                continue
-            await anyio.to_thread.run_sync(self._fit_arena, slot, flat)
-            self._announce_arena(worker, slot)
-
-    def _announce_arena(self, worker: Worker, slot: _Slot) -> None:
-        """Tell the daemon about ``slot``'s arena and to forget those it replaced."""
-        for old in slot.retired:
-            if old.arena_id in worker.arenas:
-                worker.send(p.ReleaseArena(old.arena_id))
-                worker.arenas.discard(old.arena_id)
-            old.close()
-        slot.retired.clear()
-        arena = slot.arena
-        if arena is not None and arena.arena_id not in worker.arenas:
-            worker.send(p.Arena(arena.arena_id, arena.nbytes), fd=arena.fd)
-            worker.arenas.add(arena.arena_id)
+        token = object()
+        taken: list[Slot] = []
+        try:
+            while (slot := self._slots.try_take(token)) is not None:
+                taken.append(slot)
+            for slot in taken:
+                await anyio.to_thread.run_sync(slot.fit, flat)
+                gen = self._daemons.current
+                if gen is not None and gen.alive:
+                    slot.announce(gen)
+                await anyio.to_thread.run_sync(slot.close_retired)
+        finally:
+            for slot in taken:
+                self._slots.give(slot, token)
 
     def _next_step(self) -> int:
         return max(self._high_step, max(self._reserved, default=-1)) + 1
@@ -612,14 +564,13 @@ class AsyncCheckpointer:
 
     def _skipped(self, step: int | None, t0: float) -> SaveHandle:
         chosen = step if step is not None else self._next_step()
-        handle = SaveHandle(None, chosen, -1)
+        handle = SaveHandle(chosen)
         handle._observed = True
         self._emit(handle, "skipped", 0, 0)
         handle._finish(
             SaveResult(
                 chosen,
                 _storage.step_dir(self.root, chosen),
-                None,
                 0,
                 time.perf_counter() - t0,
                 0.0,
@@ -630,41 +581,25 @@ class AsyncCheckpointer:
         return handle
 
     def _send_cancel(self, handle: SaveHandle) -> None:
-        if self._worker is not None and handle._req_id in self._pending:
-            self._worker.send(p.Cancel(handle._req_id))
+        gen = handle._gen
+        if gen is not None and handle._req_id in gen.pending:
+            gen.send(p.Cancel(handle._req_id))
 
     # ------------------------------------------------------- daemon messages
-    def _on_message(self, msg: p.Message) -> None:
-        if isinstance(msg, p.Progress):
-            h = self._pending.get(msg.req_id)
-            if h is not None:
-                phase: Literal["writing", "written"] = (
-                    "written" if msg.phase == "written" else "writing"
-                )
-                self._emit(h, phase, msg.bytes_written, msg.total_bytes)
-            return
-        if not isinstance(msg, (p.Saved, p.SaveFailed)):
-            return
-        handle = self._pending.get(msg.req_id)
+    def _on_message(self, gen: Generation, msg: p.Message) -> None:
+        """A reply from ``gen``: it can only concern ``gen``'s own handles (fencing)."""
+        req_id = getattr(msg, "req_id", None)
+        handle = gen.pending.get(req_id) if isinstance(req_id, int) else None
         if handle is None:
             return
-        if isinstance(msg, p.Saved):
-            self._high_step = max(self._high_step, msg.step)
-            result = SaveResult(
-                step=msg.step,
-                path=Path(msg.path),
-                metadata=pickle.loads(msg.blob) if msg.blob else None,
-                nbytes=msg.nbytes,
-                stage_seconds=handle._stage_seconds,
-                persist_seconds=msg.persist_seconds,
+        if isinstance(msg, p.Progress):
+            phase: Literal["writing", "written"] = (
+                "written" if msg.phase == "written" else "writing"
             )
-            self._release(handle)
-            handle._finish(result, None)
-            self._emit(handle, "committed", msg.nbytes, msg.nbytes)
-            notify_commit(self.root, msg.step)
-        else:
-            if msg.fatal and self._worker is not None:
-                self._worker.terminating = True  # exiting: the next save starts a new one
+            self._emit(handle, phase, msg.bytes_written, msg.total_bytes)
+        elif isinstance(msg, p.Saved):
+            self._committed(handle, msg.nbytes, msg.persist_seconds, recovered=False)
+        elif isinstance(msg, p.SaveFailed):
             error: CheckpointError
             if msg.cancelled:
                 error = CheckpointCancelledError(
@@ -680,40 +615,77 @@ class AsyncCheckpointer:
                     remote_type=msg.error_type,
                     remote_traceback=msg.traceback,
                 )
-            self._fail(handle, error)
+            self._finish(handle, None, error)
+            self._unobserved.append(handle)
 
-    def _fail(self, handle: SaveHandle, error: BaseException) -> None:
-        self._release(handle)
-        handle._finish(None, error)
-        self._emit(handle, "failed", 0, 0)
+    def _committed(self, handle: SaveHandle, nbytes: int, persist: float, recovered: bool) -> None:
+        self._high_step = max(self._high_step, handle.step)
+        result = SaveResult(
+            step=handle.step,
+            path=_storage.step_dir(self.root, handle.step),
+            nbytes=nbytes,
+            stage_seconds=handle._stage_seconds,
+            persist_seconds=persist,
+            recovered=recovered,
+        )
+        if self._finish(handle, result, None):
+            self._emit(handle, "committed", nbytes, nbytes)
+            notify_commit(self.root, handle.step)
 
-    def _release(self, handle: SaveHandle) -> None:
-        self._pending.pop(handle._req_id, None)
-        slot, handle._slot = handle._slot, None
-        self._free_slot(slot, handle.step)
+    def _finish(
+        self, handle: SaveHandle, result: SaveResult | None, error: BaseException | None
+    ) -> bool:
+        """The one way a save ends: its generation, slot and step let go of it."""
+        if handle._gen is not None:
+            handle._gen.pending.pop(handle._req_id, None)
+        if handle._slot is not None:
+            self._slots.give(handle._slot, handle)
+            handle._slot = None
+        self._reserved.discard(handle.step)
+        self._inflight.discard(handle)
+        if not handle._finish(result, error):
+            return False
+        if error is not None:
+            self._emit(handle, "failed", 0, 0)
+        return True
 
-    def _free_slot(self, slot: _Slot | None, step: int) -> None:
-        """The save of ``step`` is over (or never started): its step and slot are free."""
-        self._reserved.discard(step)
-        if slot is not None and slot.busy:
-            slot.busy = False
-            assert self._slot_free is not None
-            self._slot_free.release()
+    async def _on_exit(self, gen: Generation) -> None:
+        """``gen``'s process is reaped: settle *its* handles, from the disk's point of view.
 
-    def _died_error(self, worker: Worker, step: int | None) -> WorkerDiedError:
+        A step whose directory is there was committed (the rename is the commit
+        point), even if the daemon died before it could say so.
+        """
+        handles = list(gen.pending.values())
+        committed = await anyio.to_thread.run_sync(self._after_death, [h.step for h in handles])
+        for handle in handles:
+            if handle.step in committed:
+                log.warning(
+                    "daemon died after committing step %d; outcome re-read from disk", handle.step
+                )
+                self._committed(handle, handle._nbytes, 0.0, recovered=True)
+            else:
+                self._finish(handle, None, self._died_error(gen, handle.step))
+                self._unobserved.append(handle)
+
+    def _after_death(self, steps: list[int]) -> set[int]:
+        """Worker thread: which of ``steps`` are committed; repair derived state."""
+        committed = {s for s in steps if _storage.is_committed(self.root, s)}
+        if self.rank == 0:
+            try:
+                _storage.reconcile(self.root)
+            except OSError as exc:
+                log.warning("could not repair latest/.commits in %s: %s", self.root, exc)
+        self._high_step = max(self._high_step, _latest_on_disk(self.root, self.rank))
+        return committed
+
+    def _died_error(self, gen: Generation, step: int | None) -> WorkerDiedError:
         where = f" while saving step {step}" if step is not None else ""
         return WorkerDiedError(
-            f"checkpoint daemon (pid {worker.pid}) {describe_exit(worker.returncode)}{where}; "
+            f"checkpoint daemon (pid {gen.pid}) {describe_exit(gen.returncode)}{where}; "
             "the step was not published",
-            returncode=worker.returncode,
+            returncode=gen.returncode,
             step=step,
         )
-
-    def _on_exit(self, worker: Worker) -> None:
-        for handle in list(self._pending.values()):
-            self._fail(handle, self._died_error(worker, handle.step))
-        if self._worker is worker:
-            worker.arenas.clear()
 
     def _emit(self, handle: SaveHandle, phase: Any, written: int, total: int) -> None:
         if self.on_event is None:
@@ -725,7 +697,17 @@ class AsyncCheckpointer:
         except Exception:
             log.exception("on_event callback failed")
 
-    # ------------------------------------------------------------ preemption
+    # ------------------------------------------------------------ guards, signals
+    def guard(self, *objects: Any, strict: bool = False) -> Guard:
+        """Make mutating ``objects`` wait for pending overlapped staging (opt-in).
+
+        Optimizers get a step pre-hook, modules a ``load_state_dict`` pre-hook:
+        before they change a tensor, they wait until every ``overlap=True``
+        save's copy is done -- or, with ``strict=True``, raise ``RuntimeError``.
+        Returns a :class:`Guard`; ``guard.remove()`` takes the hooks off.
+        """
+        return Guard(objects, lambda: [h for h in self._inflight if not h.is_staged()], strict)
+
     def handle_signals(
         self,
         *signals: int,
@@ -734,29 +716,37 @@ class AsyncCheckpointer:
     ) -> None:
         """Opt in to preemption handling: on one of ``signals`` (e.g. SIGTERM), finish up.
 
-        The signal is received on the event loop (``loop.add_signal_handler``
-        semantics, never in a plain signal handler). Then, within ``grace``
-        seconds: ``final_save()`` is awaited if given (it may return a
+        The signal receiver is installed before this returns. The signal is then
+        received on the event loop (never in a plain signal handler). Within
+        ``grace`` seconds: ``final_save()`` is awaited if given (it may return a
         :class:`SaveHandle`, which is awaited too), every in-flight save is
         awaited until committed, and the ``async with`` body is cancelled; the
         block then exits with ``SystemExit(128 + signal)``. Saves still in flight
-        when the grace period ends are cancelled, never published.
+        when the grace period ends are cancelled, never published. An error in
+        ``final_save`` is logged and does not stop the rest.
         """
         self._check_open()
         if self._host_done is not None:
             raise RuntimeError("handle_signals() needs `async with AsyncCheckpointer(...)`")
         if not signals:
             raise ValueError("name at least one signal, e.g. signal.SIGTERM")
-        assert self._tg is not None
-        self._tg.start_soon(self._preemption, signals, grace, final_save)
+        receiver = anyio.open_signal_receiver(*(signal.Signals(s) for s in signals))
+        received = receiver.__enter__()  # installed now, not when a task first runs
+        self._spawn(self._preemption, receiver, received, grace, final_save, name="preemption")
 
     async def _preemption(
-        self, signals: tuple[int, ...], grace: float, final_save: Callable[[], Any] | None
+        self,
+        receiver: Any,
+        received: AsyncIterator[int],
+        grace: float,
+        final_save: Callable[[], Any] | None,
     ) -> None:
         signum = 0
-        with anyio.open_signal_receiver(*(signal.Signals(s) for s in signals)) as received:
+        try:
             async for signum in received:  # noqa: B007  (the first one is enough)
                 break
+        finally:
+            receiver.__exit__(None, None, None)
         log.warning("received signal %d: committing in-flight saves (grace %.0fs)", signum, grace)
         self.preempted = int(signum)
         with anyio.move_on_after(grace) as scope:
@@ -767,9 +757,12 @@ class AsyncCheckpointer:
                         result = await result
                     if isinstance(result, SaveHandle):
                         await result
+            except Exception as exc:
+                log.error("final checkpoint on signal %d failed: %r", signum, exc)
+            try:
                 await self.wait()
             except CheckpointError as exc:
-                log.error("final checkpoint on signal %d failed: %s", signum, exc)
+                log.error("in-flight checkpoint on signal %d failed: %s", signum, exc)
         if scope.cancelled_caught:
             log.error("grace period of %.0fs ran out; cancelling in-flight saves", grace)
         if self._body_scope is not None:
@@ -782,14 +775,12 @@ class AsyncCheckpointer:
         Raises the first failure no one has retrieved yet (by awaiting its
         handle or an earlier ``wait()``); cancelling ``wait()`` cancels no save.
         """
-        for handle in list(self._pending.values()):
-            await handle._event.wait()
-        failures = [
-            h for h in self._handles if h.done() and h._error is not None and not h._observed
-        ]
+        while self._inflight:
+            await next(iter(self._inflight))._event.wait()
+        failures = [h for h in self._unobserved if not h._observed]
+        self._unobserved.clear()
         for h in failures:
             h._observed = True
-        self._handles = [h for h in self._handles if not h.done()]
         if failures:
             assert failures[0]._error is not None
             raise failures[0]._error
@@ -812,6 +803,11 @@ class AsyncCheckpointer:
     ) -> AsyncIterator[int]:
         """``aiodcp.watch`` on this checkpointer's root."""
         return watch(self.root, include_latest=include_latest, poll_interval=poll_interval)
+
+
+def _latest_on_disk(root: Path, rank: int) -> int:
+    latest = _storage.read_latest(root)
+    return -1 if latest is None else latest
 
 
 def _cuda_stream() -> Any:

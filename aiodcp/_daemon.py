@@ -1,7 +1,9 @@
-"""The checkpoint daemon: one process per rank, started as ``python -m aiodcp._daemon``.
+"""The checkpoint daemon: one process per rank, started by ``aiodcp._generation``.
 
 It is the library's own entry point -- never the user's ``__main__`` -- so a
-script without an ``if __name__ == "__main__":`` guard, or a notebook, works.
+script without an ``if __name__ == "__main__":`` guard, or a notebook, works;
+and the trainer's working directory is not on its ``sys.path``, so a user's
+``uuid.py`` beside their script cannot shadow a standard module in the daemon.
 
 Threads:
 
@@ -27,6 +29,7 @@ import logging
 import os
 import pickle
 import queue
+import select
 import shutil
 import signal
 import socket
@@ -46,9 +49,10 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from . import _protocol as p
 from . import _storage
+from ._arena import MappedArena, read_fd
 from ._errors import ProtocolError
 from ._protocol import DaemonConfig as Config
-from ._staging import MeshSpec, PickledLeaf, map_arena, rebuild
+from ._staging import MeshSpec, PickledLeaf, rebuild
 
 log = logging.getLogger("aiodcp.daemon")
 
@@ -61,11 +65,27 @@ class SaveCancelled(Exception):
     """Raised inside DCP's write path when a save is cancelled."""
 
 
+class DaemonExiting(SaveCancelled):
+    """Raised inside DCP's write path when this daemon is going away (SIGTERM, no parent).
+
+    Its peers must not mistake it for a cancellation: for them it is a failure.
+    """
+
+
 @dataclass
 class _Request:
     msg: p.Save
+    skeleton: bytes
     cancel: threading.Event = field(default_factory=threading.Event)
     reason: str = "cancelled by the parent"
+
+
+# How a rank votes at each agreement point of a save.
+_OK, _CANCEL, _DYING = "ok", "cancel", "dying"
+
+
+class PeerFailed(Exception):
+    """Another rank's daemon is exiting (or failed) in the middle of this save."""
 
 
 class _ForwardHandler(logging.Handler):
@@ -82,7 +102,7 @@ class _ForwardHandler(logging.Handler):
         self._busy.on = True
         try:
             msg = self.format(record)
-            if not self.daemon.send(p.Log(record.levelno, record.name, msg)):
+            if not self.daemon.send(p.Log(record.levelno, record.name, p.clip(msg))):
                 sys.stderr.write(f"[aiodcp daemon rank {self.daemon.cfg.rank}] {msg}\n")
         except Exception:  # pragma: no cover - logging must never raise
             pass
@@ -96,11 +116,13 @@ class Daemon:
         self.cfg = cfg
         self.root = Path(cfg.root)
         self.conn = p.Connection(p.Role.DAEMON)
-        self.lock = threading.Lock()  # guards conn and the socket's write side
+        self.conn_lock = threading.Lock()  # guards conn (both directions)
+        self.send_lock = threading.Lock()  # one frame at a time on the socket
         self.broken = False
         self.parent_pid = os.getppid()
         self.fds: deque[int] = deque()
-        self.arenas: dict[int, Any] = {}
+        self.arenas: dict[int, MappedArena] = {}
+        self.doomed: set[int] = set()  # arenas released while a save still reads them
         self.requests: dict[int, _Request] = {}
         self.todo: queue.Queue[_Request | None] = queue.Queue()
         self.stop = threading.Event()
@@ -112,30 +134,45 @@ class Daemon:
 
     # ------------------------------------------------------------- channel
     def send(self, msg: p.Message) -> bool:
-        with self.lock:
+        """Send one frame, blocking until the parent has room for it.
+
+        The socket is blocking and has no timeout: a parent whose event loop is
+        busy for a while just delays the reply; it is never dropped. Only a dead
+        channel makes the daemon stop talking.
+        """
+        with self.conn_lock:
             if self.broken:
                 return False
             try:
-                self.sock.sendall(self.conn.send(msg))
+                frame = self.conn.send(msg)
+            except ProtocolError as exc:
+                sys.stderr.write(f"[aiodcp daemon] refusing to send {type(msg).__name__}: {exc}\n")
+                return False
+        with self.send_lock:
+            try:
+                self.sock.sendall(frame)
                 return True
-            except (OSError, ProtocolError):
+            except OSError:
                 self.broken = True
                 return False
 
     def _reader(self) -> None:
-        self.sock.settimeout(1.0)
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
         while True:
-            try:
-                data, fds, _flags, _addr = socket.recv_fds(self.sock, 1 << 20, 16)
-            except TimeoutError:
+            # Wait with a timeout only to notice a vanished parent whose end of the
+            # channel another process still holds open; the socket itself blocks.
+            if not poller.poll(1000):
                 if os.getppid() != self.parent_pid:
                     return self._halt("parent process is gone")
                 continue
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(self.sock, 1 << 16, 16)
             except OSError as exc:
                 return self._halt(f"channel error: {exc}")
             self.fds.extend(fds)
             try:
-                with self.lock:
+                with self.conn_lock:
                     self.conn.receive_data(data)
                     events: list[p.Message | p.Closed] = []
                     while True:
@@ -149,21 +186,38 @@ class Daemon:
                     if isinstance(ev, p.Closed):
                         return self._halt("parent closed the channel")
                     self._dispatch(ev)
-            except ProtocolError as exc:
-                log.error("protocol error from parent: %s", exc)
+            except (ProtocolError, OSError, ValueError, IndexError) as exc:
+                log.error("bad request from parent: %s", exc)
                 return self._halt(f"protocol error: {exc}")
+
+    def _take_fd(self, msg: p.Message) -> int:
+        if not self.fds:
+            raise ProtocolError(f"{type(msg).__name__} arrived without its file descriptor")
+        return self.fds.popleft()
 
     def _dispatch(self, msg: p.Message) -> None:
         if isinstance(msg, p.Arena):
-            fd = self.fds.popleft()
+            fd = self._take_fd(msg)
             try:
-                self.arenas[msg.arena_id] = map_arena(fd, msg.nbytes)
+                self.arenas[msg.arena_id] = MappedArena(
+                    fd, msg.nbytes, msg.layout_offset, msg.layout_nbytes
+                )
             finally:
                 os.close(fd)
         elif isinstance(msg, p.ReleaseArena):
-            self.arenas.pop(msg.arena_id, None)
+            if any(r.msg.arena_id == msg.arena_id for r in list(self.requests.values())):
+                self.doomed.add(msg.arena_id)  # the saver releases it when that save ends
+            else:
+                arena = self.arenas.pop(msg.arena_id, None)
+                if arena is not None:
+                    arena.release()
         elif isinstance(msg, p.Save):
-            req = _Request(msg)
+            fd = self._take_fd(msg)
+            try:
+                skeleton = read_fd(fd, msg.skeleton_nbytes)
+            finally:
+                os.close(fd)
+            req = _Request(msg, skeleton)
             self.requests[msg.req_id] = req
             self.todo.put(req)
         elif isinstance(msg, p.Cancel):
@@ -299,69 +353,74 @@ class Daemon:
         dist.all_gather_object(out, obj)
         return out
 
+    def _vote(self, req: _Request) -> str:
+        if self.stop_reason and self.stop_reason != "terminate":
+            return _DYING
+        return _CANCEL if req.cancel.is_set() else _OK
+
+    def _check_votes(self, req: _Request, votes: list[str]) -> None:
+        """Dying peers fail the save on every rank; a cancel anywhere cancels it."""
+        if self._vote(req) == _DYING:
+            raise DaemonExiting(req.reason)
+        dying = [rank for rank, v in enumerate(votes) if v == _DYING]
+        if dying:
+            raise PeerFailed(f"the checkpoint daemon of rank(s) {dying} is exiting mid-save")
+        if _CANCEL in votes:
+            raise SaveCancelled(req.reason)
+
     def _save(self, req: _Request) -> None:
         msg = req.msg
         t0 = time.perf_counter()
         tmp: Path | None = None
         try:
             token = uuid.uuid4().hex[:12]
-            votes = self._agree((msg.step, req.cancel.is_set(), token))
+            votes = self._agree((msg.step, self._vote(req), token))
             steps = {v[0] for v in votes}
             if len(steps) != 1:
                 raise RuntimeError(f"ranks disagree on the step to save: {sorted(steps)}")
-            if any(v[1] for v in votes):
-                raise SaveCancelled(req.reason)
+            self._check_votes(req, [v[1] for v in votes])
             tmp = _storage.tmp_dir(self.root, msg.step, votes[0][2])
             self.tmp_dirs.add(tmp)
             if not msg.overwrite and _storage.step_dir(self.root, msg.step).exists():
                 from ._errors import CheckpointExistsError
 
                 raise CheckpointExistsError(f"step {msg.step} already exists in {self.root}")
-            metadata, nbytes = self._write(req, tmp)
-            votes = self._agree(req.cancel.is_set())
-            if any(votes):
-                raise SaveCancelled(req.reason)
+            nbytes = self._write(req, tmp)
+            self._check_votes(req, self._agree(self._vote(req)))
             err = self._commit(msg, tmp)
             if err:
                 raise RuntimeError(err)
             self.tmp_dirs.discard(tmp)
-            path = _storage.step_dir(self.root, msg.step)
-            self.send(
-                p.Saved(
-                    msg.req_id,
-                    msg.step,
-                    str(path),
-                    nbytes,
-                    time.perf_counter() - t0,
-                    blob=pickle.dumps(metadata),
-                )
-            )
-            log.info(
-                "step %d committed (%d bytes, %.3fs)", msg.step, nbytes, time.perf_counter() - t0
-            )
+            # Retention runs before the reply: once the handle resolves, steps() is final.
             self._retain()
+            path = _storage.step_dir(self.root, msg.step)
+            seconds = time.perf_counter() - t0
+            self.send(p.Saved(msg.req_id, msg.step, str(path), nbytes, seconds))
+            log.info("step %d committed (%d bytes, %.3fs)", msg.step, nbytes, seconds)
         except BaseException as exc:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
                 self.tmp_dirs.discard(tmp)
-            cancelled = _is_cancel(exc)
+            cancelled = _classify(exc, self.cfg.rank) == "cancel"
             if self.stop_reason and self.stop_reason != "terminate":
                 return  # dying (SIGTERM, parent gone): the parent reports our death
-            text = str(exc) or repr(exc)
             # With several ranks, a failure (unlike a cancellation, which the ranks
             # agree on by vote) may have left the daemons' group mid-collective or
             # broken (a peer died). Rather than trust it, every daemon exits and the
             # parents start a fresh group for the next save.
             fatal = self.pg is not None and not cancelled
-            if not cancelled:
-                text = self._diagnose(msg) + text
+            if cancelled:
+                text, tb = req.reason, ""
+            else:
+                text = self._diagnose(msg) + (str(exc) or repr(exc))
+                tb = traceback.format_exc()
                 log.warning("save of step %d failed: %s: %s", msg.step, type(exc).__name__, text)
             self.send(
                 p.SaveFailed(
                     msg.req_id,
                     type(exc).__name__,
-                    text,
-                    traceback.format_exc(),
+                    p.clip(text),
+                    p.clip(tb),
                     cancelled=cancelled,
                     fatal=fatal,
                 )
@@ -369,7 +428,7 @@ class Daemon:
             if fatal:
                 self._halt("process group is no longer trusted after a failed save")
         finally:
-            self._after_save()
+            self._after_save(req)
 
     def _diagnose(self, msg: p.Save) -> str:
         """A plain-words prefix for errors whose cause DCP's message hides (a full disk)."""
@@ -377,7 +436,8 @@ class Daemon:
             free = shutil.disk_usage(self.root).free
         except OSError:
             return ""
-        needed = sum(s.nbytes for s in msg.tensors) + len(msg.blob)
+        arena = self.arenas.get(msg.arena_id)
+        needed = (arena.nbytes if arena is not None else 0) + msg.skeleton_nbytes
         if free < needed + (1 << 20):
             return (
                 f"no space left on device ({free} bytes free in {self.root}, "
@@ -385,20 +445,19 @@ class Daemon:
             )
         return ""
 
-    def _write(self, req: _Request, tmp: Path) -> tuple[Any, int]:
+    def _write(self, req: _Request, tmp: Path) -> int:
         from torch.distributed.checkpoint.filesystem import FileSystemWriter
         from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
         msg = req.msg
-        mm = self.arenas[msg.arena_id]
-        skeleton = pickle.loads(msg.blob)
-        state = rebuild(skeleton, msg.tensors, mm, self.mesh)
-        total = sum(s.nbytes for s in msg.tensors)
-        planner = _Planner(req, self, total)
+        arena = self.arenas[msg.arena_id]
+        state = rebuild(pickle.loads(req.skeleton), arena.views, self.mesh)
+        total = sum(s.nbytes for s in arena.specs)
+        planner = _Planner(req, self, total, caching=self.pg is not None)
         writer = FileSystemWriter(
             tmp, thread_count=self.cfg.thread_count, sync_files=self.cfg.sync_files
         )
-        metadata = dcp_save(
+        dcp_save(
             state,
             storage_writer=writer,
             planner=planner,
@@ -406,7 +465,7 @@ class Daemon:
             no_dist=self.pg is None,
         )
         planner.report(final=True)
-        return metadata, total
+        return total
 
     def _commit(self, msg: p.Save, tmp: Path) -> str | None:
         """Rank 0 publishes the step once every rank's data is durable; all learn the result."""
@@ -434,7 +493,15 @@ class Daemon:
         except Exception as exc:
             log.warning("retention failed: %s", exc)
 
-    def _after_save(self) -> None:
+    def _after_save(self, req: _Request) -> None:
+        arena_id = req.msg.arena_id
+        if arena_id in self.doomed and not any(
+            r is not req and r.msg.arena_id == arena_id for r in list(self.requests.values())
+        ):
+            self.doomed.discard(arena_id)
+            arena = self.arenas.pop(arena_id, None)
+            if arena is not None:
+                arena.release()
         if self.cfg.disable_automatic_gc and not self.cfg.disable_manual_gc:
             gc.collect()
             if self.first_save:
@@ -442,24 +509,34 @@ class Daemon:
         self.first_save = False
 
 
-def _is_cancel(exc: BaseException) -> bool:
+def _classify(exc: BaseException, rank: int) -> str:
+    """``"cancel"`` (a cancellation the ranks share), ``"peer"`` (another rank's daemon
+    went away), ``"exiting"`` (this one is) or ``"error"``."""
+    if isinstance(exc, DaemonExiting):
+        return "exiting"
     if isinstance(exc, SaveCancelled):
-        return True
-    failures = getattr(exc, "failures", None)  # DCP's CheckpointException
+        return "cancel"
+    if isinstance(exc, PeerFailed):
+        return "peer"
+    failures = getattr(exc, "failures", None)  # DCP's CheckpointException: rank -> error
     if isinstance(failures, dict):
-        for f in failures.values():
-            inner = f[0] if isinstance(f, tuple) else f
-            if isinstance(inner, SaveCancelled):
-                return True
-    return False
+        inner = {r: (f[0] if isinstance(f, tuple) else f) for r, f in failures.items()}
+        if isinstance(inner.get(rank), DaemonExiting):
+            return "exiting"
+        if any(isinstance(e, DaemonExiting) for e in inner.values()):
+            return "peer"
+        if any(isinstance(e, SaveCancelled) for e in inner.values()):
+            return "cancel"
+    return "error"
 
 
 class _Planner(DefaultSavePlanner):
     """DCP's default planner, plus: cancellation at each write item, progress,
     and values the parent already serialised written as they are."""
 
-    def __init__(self, req: _Request, daemon: Daemon, total: int) -> None:
-        super().__init__()
+    def __init__(self, req: _Request, daemon: Daemon, total: int, caching: bool) -> None:
+        # Plan caching (torch >= 2.6) skips re-sending unchanged plans between ranks.
+        super().__init__(enable_plan_caching=caching)
         self._req = req
         self._daemon = daemon
         self._total = total
@@ -471,6 +548,8 @@ class _Planner(DefaultSavePlanner):
         if _SLOW_WRITE:  # fault-injection hook for tests: widen the persist window
             time.sleep(_SLOW_WRITE)
         if self._req.cancel.is_set():
+            if self._daemon.stop_reason and self._daemon.stop_reason != "terminate":
+                raise DaemonExiting(self._req.reason)
             raise SaveCancelled(self._req.reason)
         obj = self.lookup_object(write_item.index)
         if isinstance(obj, PickledLeaf):
@@ -507,7 +586,7 @@ def _nbytes(tensor_data: Any) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m aiodcp._daemon")
+    parser = argparse.ArgumentParser(prog="aiodcp daemon")
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--config", required=True)
     args = parser.parse_args(argv)

@@ -11,13 +11,15 @@ Frame layout (all integers big-endian)::
     version           1 byte
     kind              1 byte   (Kind)
     header length     4 bytes  (<= MAX_HEADER, UTF-8 JSON object)
-    blob length       4 bytes  (<= MAX_BLOB, opaque bytes)
-    header, blob
+    header
 
-The JSON header holds the message's fields; ``blob`` carries the one opaque
-payload a message may have (the pickled skeleton of a save, the pickled DCP
-metadata of a result). Tensor bytes never cross the channel: they travel in
-shared memory (an ``Arena`` message hands the daemon a file descriptor).
+Every message is small and of bounded size, whatever the state holds: the JSON
+header carries a handful of scalar fields. Anything proportional to the number
+of tensors lives in shared memory and travels as a file descriptor beside the
+frame (``Arena``: the staging memory, with the tensor layout in its tail;
+``Save``: a memfd holding the pickled skeleton). Text fields are clipped by the
+sender (:func:`clip`), so no message can outgrow ``MAX_HEADER``; a frame that
+still would is refused at once with :class:`ProtocolError`, never dropped.
 
 Which message may be sent by whom, and when, is the table ``_ALLOWED``.
 """
@@ -36,8 +38,8 @@ from ._errors import ProtocolError
 
 __all__ = [
     "MAGIC",
-    "MAX_BLOB",
     "MAX_HEADER",
+    "MAX_TEXT",
     "NEED_DATA",
     "PROTOCOL_VERSION",
     "Arena",
@@ -58,18 +60,28 @@ __all__ = [
     "SaveFailed",
     "Saved",
     "State",
-    "TensorSpec",
     "Terminate",
+    "carries_fd",
+    "clip",
     "decode_frame",
     "encode_frame",
 ]
 
 MAGIC: Final = b"AD"
-PROTOCOL_VERSION: Final = 1
-_HEAD = struct.Struct(">2sBBII")
+PROTOCOL_VERSION: Final = 2
+_HEAD = struct.Struct(">2sBBI")
 HEADER_SIZE: Final = _HEAD.size
-MAX_HEADER: Final = 1 << 20
-MAX_BLOB: Final = 1 << 30
+MAX_HEADER: Final = 1 << 16
+MAX_TEXT: Final = 16_000
+"""Characters a text field (message, traceback, log line) may carry; the rest is clipped."""
+
+
+def clip(text: str, limit: int = MAX_TEXT) -> str:
+    """``text`` cut to ``limit`` characters (keeping both ends), so a frame stays bounded."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2 - 40
+    return f"{text[:half]}\n... [{len(text) - 2 * half} characters clipped] ...\n{text[-half:]}"
 
 
 class Kind(enum.IntEnum):
@@ -90,16 +102,6 @@ class Kind(enum.IntEnum):
 class Role(enum.Enum):
     PARENT = "parent"
     DAEMON = "daemon"
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Where one staged tensor lives in its arena: byte offset, dtype name, shape."""
-
-    offset: int
-    nbytes: int
-    dtype: str
-    shape: tuple[int, ...]
 
 
 # --------------------------------------------------------------------- messages
@@ -138,11 +140,17 @@ class InitFailed(Message):
 
 @dataclass(frozen=True)
 class Arena(Message):
-    """Parent -> daemon: a shared-memory arena; its file descriptor rides along."""
+    """Parent -> daemon: a shared-memory arena; its file descriptor rides along.
+
+    ``nbytes`` of tensor data come first; the layout of its tensors (a pickled
+    tuple of ``aiodcp._staging.TensorSpec``) is at ``layout_offset``, ``layout_nbytes`` long.
+    """
 
     KIND: ClassVar[Kind] = Kind.ARENA
     arena_id: int
     nbytes: int
+    layout_offset: int = 0
+    layout_nbytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -155,15 +163,17 @@ class ReleaseArena(Message):
 
 @dataclass(frozen=True)
 class Save(Message):
-    """Parent -> daemon: persist the state staged in ``arena_id`` as ``step``."""
+    """Parent -> daemon: persist the state staged in ``arena_id`` as ``step``.
+
+    A memfd holding the pickled skeleton (``skeleton_nbytes`` long) rides along.
+    """
 
     KIND: ClassVar[Kind] = Kind.SAVE
     req_id: int
     step: int
     arena_id: int
-    tensors: tuple[TensorSpec, ...]
+    skeleton_nbytes: int
     overwrite: bool = False
-    blob: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -187,7 +197,8 @@ class Progress(Message):
 
 @dataclass(frozen=True)
 class Saved(Message):
-    """Daemon -> parent: ``req_id`` is committed; ``blob`` is the pickled DCP Metadata."""
+    """Daemon -> parent: ``req_id`` is committed (retention has run); DCP's metadata
+    is in the step's ``.metadata`` file, read by the parent only if asked for."""
 
     KIND: ClassVar[Kind] = Kind.SAVED
     req_id: int
@@ -195,7 +206,6 @@ class Saved(Message):
     path: str
     nbytes: int
     persist_seconds: float
-    blob: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -275,26 +285,18 @@ class DaemonConfig:
 
 
 # ---------------------------------------------------------------------- framing
-def _to_json(value: Any) -> Any:
-    if isinstance(value, TensorSpec):
-        return [value.offset, value.nbytes, value.dtype, list(value.shape)]
-    if isinstance(value, tuple):
-        return [_to_json(v) for v in value]
-    return value
+def carries_fd(msg: Message) -> bool:
+    """Whether one file descriptor travels beside ``msg``'s frame (in order)."""
+    return isinstance(msg, (Arena, Save))
 
 
 def encode_frame(msg: Message) -> bytes:
-    """Serialise one message into one frame."""
-    fields = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg) if f.name != "blob"}
-    header = json.dumps(
-        {k: _to_json(v) for k, v in fields.items()}, separators=(",", ":"), allow_nan=False
-    ).encode()
-    blob: bytes = getattr(msg, "blob", b"")
+    """Serialise one message into one frame (ProtocolError if it would be too large)."""
+    fields = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
+    header = json.dumps(fields, separators=(",", ":"), allow_nan=False).encode()
     if len(header) > MAX_HEADER:
         raise ProtocolError(f"{type(msg).__name__} header is {len(header)} bytes > {MAX_HEADER}")
-    if len(blob) > MAX_BLOB:
-        raise ProtocolError(f"{type(msg).__name__} blob is {len(blob)} bytes > {MAX_BLOB}")
-    return _HEAD.pack(MAGIC, PROTOCOL_VERSION, msg.KIND, len(header), len(blob)) + header + blob
+    return _HEAD.pack(MAGIC, PROTOCOL_VERSION, msg.KIND, len(header)) + header
 
 
 def _is_int(v: object) -> bool:
@@ -316,24 +318,7 @@ def _check(name: str, value: Any, tp: Any) -> Any:
         if type(value) is not tp:
             raise bad
         return value
-    if tp == tuple[TensorSpec, ...]:
-        if not isinstance(value, list):
-            raise bad
-        return tuple(_tensor_spec(name, v) for v in value)
     raise AssertionError(f"unsupported field type {tp}")  # pragma: no cover
-
-
-def _tensor_spec(name: str, v: Any) -> TensorSpec:
-    if not (isinstance(v, list) and len(v) == 4):
-        raise ProtocolError(f"field {name!r}: malformed tensor spec")
-    offset, nbytes, dtype, shape = v
-    if not (_is_int(offset) and _is_int(nbytes) and offset >= 0 and nbytes >= 0):
-        raise ProtocolError(f"field {name!r}: bad tensor offset/size")
-    if not isinstance(dtype, str) or not isinstance(shape, list):
-        raise ProtocolError(f"field {name!r}: bad tensor dtype/shape")
-    if not all(_is_int(d) and d >= 0 for d in shape):
-        raise ProtocolError(f"field {name!r}: bad tensor shape")
-    return TensorSpec(offset, nbytes, dtype, tuple(shape))
 
 
 _HINTS: dict[type[Message], dict[str, Any]] = {}
@@ -356,7 +341,7 @@ def decode_frame(buf: bytes | bytearray | memoryview) -> tuple[Message, int] | N
         if len(buf) >= 2 and bytes(buf[:2]) != MAGIC:
             raise ProtocolError(f"bad magic {bytes(buf[:2])!r}")
         return None
-    magic, version, kind, hlen, blen = _HEAD.unpack_from(buf, 0)
+    magic, version, kind, hlen = _HEAD.unpack_from(buf, 0)
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {magic!r}")
     if version != PROTOCOL_VERSION:
@@ -365,13 +350,13 @@ def decode_frame(buf: bytes | bytearray | memoryview) -> tuple[Message, int] | N
         cls = _BY_KIND[Kind(kind)]
     except ValueError:
         raise ProtocolError(f"unknown message kind {kind}") from None
-    if hlen > MAX_HEADER or blen > MAX_BLOB:
-        raise ProtocolError(f"frame too large (header {hlen}, blob {blen})")
-    end = HEADER_SIZE + hlen + blen
+    if hlen > MAX_HEADER:
+        raise ProtocolError(f"frame too large (header {hlen} > {MAX_HEADER})")
+    end = HEADER_SIZE + hlen
     if len(buf) < end:
         return None
     try:
-        fields = json.loads(bytes(buf[HEADER_SIZE : HEADER_SIZE + hlen]))
+        fields = json.loads(bytes(buf[HEADER_SIZE:end]))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ProtocolError(f"{cls.__name__}: header is not JSON ({exc})") from None
     if not isinstance(fields, dict):
@@ -380,13 +365,9 @@ def decode_frame(buf: bytes | bytearray | memoryview) -> tuple[Message, int] | N
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in fields.items():
-        if key not in names or key == "blob":
+        if key not in names:
             raise ProtocolError(f"{cls.__name__}: unexpected field {key!r}")
         kwargs[key] = _check(key, value, hints[key])
-    if "blob" in names:
-        kwargs["blob"] = bytes(buf[HEADER_SIZE + hlen : end])
-    elif blen:
-        raise ProtocolError(f"{cls.__name__} carries no blob")
     try:
         msg = cls(**kwargs)
     except TypeError as exc:
@@ -467,6 +448,8 @@ class Connection:
         elif isinstance(msg, InitFailed):
             self.state = State.CLOSED
         elif isinstance(msg, Arena):
+            if min(msg.nbytes, msg.layout_offset, msg.layout_nbytes) < 0:
+                raise ProtocolError(f"negative size in {msg}")
             if msg.arena_id in self._arenas:
                 raise ProtocolError(f"arena {msg.arena_id} already exists")
             self._arenas.add(msg.arena_id)
@@ -479,8 +462,8 @@ class Connection:
                 raise ProtocolError(f"request id {msg.req_id} is not fresh")
             if msg.arena_id not in self._arenas:
                 raise ProtocolError(f"save names unknown arena {msg.arena_id}")
-            if msg.step < 0:
-                raise ProtocolError(f"negative step {msg.step}")
+            if msg.step < 0 or msg.skeleton_nbytes < 0:
+                raise ProtocolError(f"negative step or size in {msg}")
             self._last_req = msg.req_id
             self._open.add(msg.req_id)
         elif isinstance(msg, Cancel):

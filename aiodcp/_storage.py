@@ -399,3 +399,32 @@ def verify(path: Path) -> Any:
                 f"checkpoint file {file} is truncated: {actual} bytes, metadata needs {size}"
             )
     return metadata
+
+
+# ------------------------------------------------------------ derived state repair
+def is_committed(root: Path, step: int) -> bool:
+    """Whether ``step`` is committed (its directory, with ``.metadata``, is there)."""
+    return (step_dir(root, step) / METADATA).is_file()
+
+
+def reconcile(root: Path) -> list[int]:
+    """Make ``latest`` and ``.commits`` agree with the committed directories.
+
+    The rename is the commit point; everything else is derived. A committed step
+    missing from the commit log (the writer died between rename and append) is
+    appended, ascending; ``latest`` is rewritten if wrong. Returns the appended steps.
+    """
+    steps = list_steps(root)
+    logged = read_commits(root, 0)
+    seen = set(logged[0]) if logged is not None else set()
+    missing = [s for s in steps if s not in seen]
+    for s in missing:
+        append_commit(root, s)
+    if steps:
+        try:
+            current = int((root / LATEST).read_text().strip())
+        except (OSError, ValueError):
+            current = None
+        if current != steps[-1]:
+            write_latest(root, steps[-1])
+    return missing

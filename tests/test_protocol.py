@@ -11,8 +11,6 @@ from hypothesis import strategies as st
 from aiodcp import ProtocolError
 from aiodcp import _protocol as p
 
-SPEC = p.TensorSpec(0, 16, "torch.float32", (2, 2))
-
 
 def _serving_pair() -> tuple[p.Connection, p.Connection]:
     parent, daemon = p.Connection(p.Role.PARENT), p.Connection(p.Role.DAEMON)
@@ -33,12 +31,12 @@ ALL_MESSAGES = [
     p.Hello(7),
     p.Ready(1, 2),
     p.InitFailed("RuntimeError", "boom", "tb"),
-    p.Arena(3, 4096),
+    p.Arena(3, 4096, 8192, 100),
     p.ReleaseArena(3),
-    p.Save(0, 10, 3, (SPEC, p.TensorSpec(64, 0, "torch.bool", (0,))), True, b"\x00skel"),
+    p.Save(0, 10, 3, 1234, True),
     p.Cancel(0),
     p.Progress(0, "writing", 5, 10),
-    p.Saved(0, 10, "/x/step_10", 16, 0.5, b"meta"),
+    p.Saved(0, 10, "/x/step_10", 16, 0.5),
     p.SaveFailed(0, "OSError", "disk full", "tb", False),
     p.Terminate(),
     p.Log(20, "aiodcp", "hello ünïcode"),
@@ -96,11 +94,11 @@ def test_role_table_rejects_messages_from_the_wrong_side() -> None:
 def test_requests_must_be_fresh_and_replies_must_match_open_requests() -> None:
     parent, daemon = _serving_pair()
     _deliver(parent, daemon, p.Arena(1, 64))
-    _deliver(parent, daemon, p.Save(5, 0, 1, (SPEC,)))
+    _deliver(parent, daemon, p.Save(5, 0, 1, 10))
     with pytest.raises(ProtocolError, match="not fresh"):
-        parent.send(p.Save(5, 1, 1, (SPEC,)))
+        parent.send(p.Save(5, 1, 1, 10))
     with pytest.raises(ProtocolError, match="unknown arena"):
-        parent.send(p.Save(6, 1, 99, (SPEC,)))
+        parent.send(p.Save(6, 1, 99, 10))
     _deliver(daemon, parent, p.Progress(5, "writing", 1, 2))
     _deliver(daemon, parent, p.Saved(5, 0, "p", 16, 0.1))
     assert parent.open_requests == frozenset()
@@ -112,11 +110,11 @@ def test_terminate_then_clean_eof() -> None:
     """After Terminate, in-flight replies may still arrive; EOF then is clean."""
     parent, daemon = _serving_pair()
     _deliver(parent, daemon, p.Arena(1, 64))
-    _deliver(parent, daemon, p.Save(0, 0, 1, (SPEC,)))
+    _deliver(parent, daemon, p.Save(0, 0, 1, 10))
     _deliver(parent, daemon, p.Terminate())
     assert parent.state is p.State.TERMINATING
     with pytest.raises(ProtocolError):
-        parent.send(p.Save(1, 1, 1, (SPEC,)))
+        parent.send(p.Save(1, 1, 1, 10))
     _deliver(daemon, parent, p.SaveFailed(0, "E", "cancelled", cancelled=True))
     parent.receive_data(b"")
     assert parent.next_event() == p.Closed(clean=True)
@@ -133,23 +131,26 @@ def test_eof_while_serving_is_unclean_and_eof_inside_a_frame_is_an_error() -> No
         parent2.next_event()
 
 
-def _frame(kind: int, body: bytes, blob: bytes = b"") -> bytes:
-    return struct.pack(">2sBBII", b"AD", 1, kind, len(body), len(blob)) + body + blob
+def _head(kind: int, hlen: int, version: int = p.PROTOCOL_VERSION) -> bytes:
+    return struct.pack(">2sBBI", b"AD", version, kind, hlen)
+
+
+def _frame(kind: int, body: bytes) -> bytes:
+    return _head(kind, len(body)) + body
 
 
 @pytest.mark.parametrize(
     "frame, match",
     [
         (b"XX" + bytes(10), "magic"),
-        (struct.pack(">2sBBII", b"AD", 9, 1, 0, 0), "version"),
-        (struct.pack(">2sBBII", b"AD", 1, 200, 0, 0), "unknown message kind"),
-        (struct.pack(">2sBBII", b"AD", 1, 1, p.MAX_HEADER + 1, 0), "too large"),
-        (struct.pack(">2sBBII", b"AD", 1, 1, 3, 0) + b"{x}", "not JSON"),
-        (struct.pack(">2sBBII", b"AD", 1, 1, 2, 0) + b"[]", "not a JSON object"),
+        (_head(1, 0, version=9), "version"),
+        (_head(200, 0), "unknown message kind"),
+        (_head(1, p.MAX_HEADER + 1), "too large"),
+        (_frame(1, b"{x}"), "not JSON"),
+        (_frame(1, b"[]"), "not a JSON object"),
         (_frame(1, b'{"pid":"7"}'), "expected"),
         (_frame(1, b'{"pid":1,"evil":1}'), "unexpected"),
-        (struct.pack(">2sBBII", b"AD", 1, 1, 9, 1) + b'{"pid":1}x', "no blob"),
-        (struct.pack(">2sBBII", b"AD", 1, 1, 2, 0) + b"{}", "missing"),
+        (_frame(1, b"{}"), "missing"),
         (_frame(1, b'{"pid":true}'), "expected"),
     ],
 )
@@ -158,11 +159,47 @@ def test_malformed_frames_raise_protocol_error(frame: bytes, match: str) -> None
         p.decode_frame(frame)
 
 
-def test_bad_tensor_specs_are_rejected() -> None:
-    body = b'{"req_id":0,"step":0,"arena_id":1,"tensors":[[0,4,"torch.float32",[-1]]]}'
-    frame = struct.pack(">2sBBII", b"AD", 1, int(p.Kind.SAVE), len(body), 0) + body
-    with pytest.raises(ProtocolError, match="shape"):
-        p.decode_frame(frame)
+def test_negative_sizes_are_refused_by_the_state_machine() -> None:
+    parent, daemon = _serving_pair()
+    with pytest.raises(ProtocolError, match="negative"):
+        parent.send(p.Arena(1, -1))
+    _deliver(parent, daemon, p.Arena(1, 64))
+    with pytest.raises(ProtocolError, match="negative"):
+        parent.send(p.Save(0, 0, 1, -5))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(0, 2**62),
+    st.integers(0, 2**62),
+    st.integers(0, 2**62),
+    st.booleans(),
+    st.text(max_size=3 * p.MAX_TEXT),
+)
+def test_fuzz_frame_sizes_are_bounded_whatever_the_values(
+    req: int, step: int, size: int, overwrite: bool, text: str
+) -> None:
+    """Every message is one small frame of bounded size: a save of any tensor count, any
+    step and any error text (clipped by the sender) fits; nothing is silently dropped."""
+    frames = [
+        p.encode_frame(p.Save(req, step, req, size, overwrite)),
+        p.encode_frame(p.Arena(req, size, size, size)),
+        p.encode_frame(p.Saved(req, step, "/r/step_" + str(step), size, 1.5)),
+        p.encode_frame(p.SaveFailed(req, "OSError", p.clip(text), p.clip(text))),
+        p.encode_frame(p.Log(20, "aiodcp", p.clip(text))),
+    ]
+    for frame in frames:
+        assert len(frame) <= p.HEADER_SIZE + p.MAX_HEADER
+        decoded = p.decode_frame(frame)
+        assert decoded is not None and decoded[1] == len(frame)
+    assert len(frames[0]) < 200  # a Save is constant-size: no per-tensor field
+
+
+def test_an_oversized_message_is_refused_at_once_not_dropped() -> None:
+    """Unclipped text past the bound raises ProtocolError in the sender, synchronously."""
+    _, daemon = _serving_pair()
+    with pytest.raises(ProtocolError, match="header is"):
+        daemon.send(p.Log(20, "x", "y" * (p.MAX_HEADER + 1)))
 
 
 @settings(max_examples=400, deadline=None)

@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import io
-import mmap
 import os
 import threading
 
 import pytest
 import torch
 
-from aiodcp._staging import Arena, PickledLeaf, TensorSlot, flatten, map_arena, rebuild, tensor_in
+from aiodcp._arena import Arena, MappedArena
+from aiodcp._staging import PickledLeaf, TensorSpec, flatten, rebuild
+
+
+def _mapped(arena: Arena) -> MappedArena:
+    return MappedArena(arena.fd, arena.nbytes, arena.layout_offset, arena.layout_nbytes)
 
 
 def _round_trip(state: dict) -> dict:
     flat = flatten(state)
-    arena = Arena(flat.nbytes, flat.fingerprint)
+    arena = Arena(flat.layout)
     try:
         arena.stage(flat)
-        fd = os.dup(arena.fd)
-        mm = map_arena(fd, arena.nbytes)
-        os.close(fd)
-        return rebuild(flat.skeleton, flat.specs, mm)
+        mapped = _mapped(arena)
+        out = rebuild(flat.skeleton, [t.clone() for t in mapped.views])
+        mapped.release()
+        return out
     finally:
         arena.close()
 
@@ -82,24 +86,50 @@ def test_leaves_are_where_dcp_stops_traversing() -> None:
     )
     sk = flat.skeleton["a"]
     assert isinstance(sk["ints"], PickledLeaf) and isinstance(sk["tup"], PickledLeaf)
-    assert isinstance(sk["mixed"], list) and isinstance(sk["mixed"][0], TensorSlot)
+    assert isinstance(sk["mixed"], list) and type(sk["mixed"][0]) is int
     assert isinstance(sk["dicts"], list) and isinstance(sk["dicts"][0]["lr"], PickledLeaf)
 
 
 def test_daemon_views_own_exactly_their_bytes() -> None:
     """Each rebuilt tensor's storage is exactly its size, so DCP's writer never clones it."""
-    out = _round_trip({"a": torch.randn(3, 5), "b": torch.randn(7)})
-    for t in out.values():
+    flat = flatten({"a": torch.randn(3, 5), "b": torch.randn(7)})
+    arena = Arena(flat.layout)
+    mapped = _mapped(arena)
+    for t in mapped.views:
         assert t.untyped_storage().size() == t.nbytes
+    mapped.release()
+    arena.close()
+
+
+def test_daemon_mapping_is_released_at_once_without_the_gc() -> None:
+    """release() unmaps deterministically: the mapping leaves /proc/self/maps at once,
+    with the garbage collector disabled and views still referenced."""
+    import gc
+
+    flat = flatten({"a": torch.randn(1 << 16)})
+    arena = Arena(flat.layout)
+    gc.disable()
+    try:
+        mapped = _mapped(arena)
+        keep = mapped.views  # noqa: F841  (a lingering reference, as DCP may leave)
+        start = f"{mapped.addr:x}"
+        with open("/proc/self/maps") as f:
+            assert any(line.startswith(start) for line in f)
+        mapped.release()
+        with open("/proc/self/maps") as f:
+            assert not any(line.startswith(start) for line in f)
+    finally:
+        gc.enable()
+        arena.close()
 
 
 def test_staged_copy_is_independent_of_later_mutation() -> None:
     t = torch.zeros(1000)
     flat = flatten({"t": t})
-    arena = Arena(flat.nbytes, flat.fingerprint)
+    arena = Arena(flat.layout)
     arena.stage(flat)
     t.add_(1)
-    assert torch.equal(arena.view(flat.specs[0]), torch.zeros(1000))
+    assert torch.equal(arena.views[0], torch.zeros(1000))
     arena.close()
 
 
@@ -107,7 +137,7 @@ def test_stateful_objects_are_replaced_by_their_state_dict() -> None:
     model = torch.nn.Linear(3, 2)
     flat = flatten({"model": model})
     assert set(flat.skeleton["model"]) == {"weight", "bias"}
-    assert all(isinstance(v, TensorSlot) for v in flat.skeleton["model"].values())
+    assert all(type(v) is int for v in flat.skeleton["model"].values())
 
 
 @pytest.mark.parametrize(
@@ -126,37 +156,44 @@ def test_non_mapping_and_non_str_keys_are_type_errors() -> None:
         flatten({1: torch.ones(1)})  # type: ignore[dict-item]
 
 
-def test_fingerprint_tracks_layout() -> None:
-    """Same names/dtypes/shapes: same fingerprint; any change: a different one."""
-    a = flatten({"x": torch.zeros(4), "y": torch.zeros(2, 2)}).fingerprint
-    assert a == flatten({"x": torch.ones(4), "y": torch.ones(2, 2)}).fingerprint
-    assert a != flatten({"x": torch.zeros(4), "y": torch.zeros(4)}).fingerprint
-    assert a != flatten({"x": torch.zeros(4).half(), "y": torch.zeros(2, 2)}).fingerprint
-    assert a != flatten({"z": torch.zeros(4), "y": torch.zeros(2, 2)}).fingerprint
+def test_an_arena_fits_exactly_the_same_dtypes_and_shapes() -> None:
+    """Same dtypes and shapes in the same order: the arena fits (names may differ);
+    any other dtype, shape or count: a new arena."""
+    arena = Arena(flatten({"x": torch.zeros(4), "y": torch.zeros(2, 2)}).layout)
+    assert arena.fits(flatten({"x": torch.ones(4), "y": torch.ones(2, 2)}))
+    assert arena.fits(flatten({"z": torch.ones(4), "w": torch.ones(2, 2)}))
+    assert not arena.fits(flatten({"x": torch.zeros(4), "y": torch.zeros(4)}))
+    assert not arena.fits(flatten({"x": torch.zeros(4).half(), "y": torch.zeros(2, 2)}))
+    assert not arena.fits(flatten({"x": torch.zeros(4)}))
+    arena.close()
 
 
 def test_offsets_are_aligned_and_disjoint() -> None:
-    flat = flatten({f"t{i}": torch.zeros(i + 1, dtype=torch.int8) for i in range(10)})
+    arena = Arena(
+        flatten({f"t{i}": torch.zeros(i + 1, dtype=torch.int8) for i in range(10)}).layout
+    )
     ends = 0
-    for spec in flat.specs:
+    for spec in arena.specs:
         assert spec.offset % 64 == 0 and spec.offset >= ends
         ends = spec.offset + spec.nbytes
-    assert flat.nbytes >= ends
+    assert arena.nbytes >= ends
+    arena.close()
 
 
 def test_tensor_spec_outside_the_arena_is_refused() -> None:
-    from aiodcp._protocol import TensorSpec
-
-    mm = mmap.mmap(-1, 4096)
+    arena = Arena(flatten({"t": torch.zeros(1000)}).layout)
+    mapped = _mapped(arena)
     with pytest.raises(ValueError):
-        tensor_in(mm, TensorSpec(4000, 400, "torch.float32", (100,)))
+        mapped.tensor(TensorSpec(4000, 400, "torch.float32", (100,)))
     with pytest.raises(ValueError):
-        tensor_in(mm, TensorSpec(0, 8, "torch.notatype", (2,)))
+        mapped.tensor(TensorSpec(0, 8, "torch.notatype", (2,)))
+    mapped.release()
+    arena.close()
 
 
 def test_arena_has_no_name_in_dev_shm() -> None:
     before = set(os.listdir("/dev/shm"))
-    arena = Arena(1 << 20, "x")
+    arena = Arena(flatten({"t": torch.zeros(1 << 18)}).layout)
     assert set(os.listdir("/dev/shm")) == before
     assert os.readlink(f"/proc/self/fd/{arena.fd}").startswith("/memfd:aiodcp-arena")
     arena.close()

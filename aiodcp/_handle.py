@@ -1,0 +1,177 @@
+"""What a save gives back: ``SaveHandle`` (in flight), ``SaveResult`` (done), ``SaveEvent``.
+
+A handle moves through these states, each entered exactly once::
+
+    state        entered when                            held by
+    ----------   -------------------------------------   -------------------------------
+    staging      save() took a slot and a step           the checkpointer (save/stager)
+    persisting   its Save frame is in the daemon's        its daemon Generation
+                 socket (``staged()`` has resolved)
+    done         committed | failed | cancelled           nobody: slot and step are free
+
+Only the holder finishes a handle: before the frame is sent the checkpointer,
+after it the generation it was sent to -- by its reply, or by its own death.
+"""
+
+from __future__ import annotations
+
+import functools
+import pickle
+import threading
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+
+from ._errors import CheckpointCancelledError, CheckpointError
+
+__all__ = ["SaveEvent", "SaveHandle", "SaveResult"]
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """What a committed (or skipped) save produced."""
+
+    step: int
+    path: Path
+    nbytes: int
+    """Bytes of tensor data staged and written."""
+    stage_seconds: float
+    """Time the caller was held (``save()``), or staging took (``overlap=True``)."""
+    persist_seconds: float
+    """Time the daemon took to write, make durable and commit."""
+    skipped: bool = False
+    """True when ``when_busy="skip"`` dropped this save; nothing was written."""
+    recovered: bool = False
+    """True when the daemon died after the commit point and the outcome (committed)
+    was re-read from disk rather than reported by the daemon."""
+
+    @functools.cached_property
+    def metadata(self) -> Any:
+        """DCP's ``Metadata`` of the checkpoint (``None`` when skipped).
+
+        Read from ``path/.metadata`` on first access (it can be large: tens of MB
+        for 100,000 tensors), so a save that nobody inspects costs nothing here.
+        """
+        if self.skipped:
+            return None
+        try:
+            with open(self.path / ".metadata", "rb") as f:
+                return pickle.load(f)
+        except OSError as exc:
+            raise CheckpointError(f"metadata of step {self.step} is unreadable: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class SaveEvent:
+    """Progress of one save, for UIs and notebooks (see ``on_event``)."""
+
+    step: int
+    phase: Literal["staged", "writing", "written", "committed", "failed", "skipped"]
+    bytes_written: int
+    total_bytes: int
+    seconds: float
+    """Seconds since ``save()`` was called."""
+
+
+class SaveHandle:
+    """A save in flight. ``await handle`` returns its :class:`SaveResult` once committed.
+
+    Awaiting is safe to cancel (e.g. under ``anyio.fail_after``): the save goes
+    on, only the waiting stops. :meth:`cancel` cancels the save itself.
+    """
+
+    def __init__(self, step: int, cancel: Callable[[SaveHandle], None] | None = None) -> None:
+        self.step = step
+        self._cancel_hook = cancel
+        self._req_id = -1
+        self._event = anyio.Event()
+        self._staged_event = anyio.Event()
+        self._staged_flag = threading.Event()  # for guards that wait from sync code
+        self._result: SaveResult | None = None
+        self._error: BaseException | None = None
+        self._observed = False
+        self._cancel_requested = False
+        self._t0 = time.perf_counter()
+        self._stage_seconds = 0.0
+        self._nbytes = 0
+        self._gen: Any = None  # the Generation it was sent to
+        self._slot: Any = None  # the staging slot it holds until done
+
+    def done(self) -> bool:
+        """True once the save is committed, failed or cancelled."""
+        return self._event.is_set()
+
+    def is_staged(self) -> bool:
+        """True once the state has been copied: the caller may mutate it again."""
+        return self._staged_flag.is_set()
+
+    async def staged(self) -> None:
+        """Wait until the state has been copied out (the tensors may then be mutated).
+
+        Resolves at once for a save made without ``overlap=True``; also resolves
+        when the save failed or was cancelled before its copy finished (then
+        nothing reads the tensors any more). Cancelling this wait cancels nothing.
+        """
+        await self._staged_event.wait()
+
+    def cancel(self) -> bool:
+        """Ask the daemon to abort this save at its next write boundary.
+
+        Returns False if the save already finished. If the save reaches its
+        commit point first, it commits and ``await handle`` returns normally;
+        otherwise ``await handle`` raises :class:`CheckpointCancelledError` and
+        nothing is published. With several ranks, the step is cancelled on all.
+        """
+        if self.done():
+            return False
+        self._cancel_requested = True
+        if self._cancel_hook is not None:
+            self._cancel_hook(self)
+        return True
+
+    def result(self) -> SaveResult:
+        """The result of a finished save (raises its error); never waits."""
+        if not self.done():
+            raise anyio.WouldBlock(f"save of step {self.step} is still in flight")
+        self._observed = True
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    async def wait(self) -> SaveResult:
+        """Same as ``await handle``."""
+        await self._event.wait()
+        return self.result()
+
+    def __await__(self) -> Generator[Any, None, SaveResult]:
+        return self.wait().__await__()
+
+    def __repr__(self) -> str:
+        state = "staging" if not self.is_staged() else "persisting"
+        if self.done():
+            state = "failed" if self._error is not None else "committed"
+        return f"<SaveHandle step={self.step} {state}>"
+
+    # -- holder side
+    def _mark_staged(self) -> None:
+        if not self._staged_flag.is_set():
+            self._stage_seconds = time.perf_counter() - self._t0
+            self._staged_flag.set()
+            self._staged_event.set()
+
+    def _finish(self, result: SaveResult | None, error: BaseException | None) -> bool:
+        """Resolve once; False if already resolved."""
+        if self.done():
+            return False
+        self._result, self._error = result, error
+        if isinstance(error, CheckpointCancelledError) and self._cancel_requested:
+            self._observed = True  # the caller asked for it
+        self._staged_flag.set()
+        self._staged_event.set()
+        self._event.set()
+        return True

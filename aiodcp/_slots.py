@@ -1,0 +1,101 @@
+"""Staging slots: each owns one arena at a time, and has exactly one holder at a time.
+
+A slot is taken by ``save()`` (its holder is then the save's handle, until the
+handle is done) or by ``prepare()`` (holder ``PREPARE``, for the span of one
+call), and given back by the same holder in one ``try/finally``. Taking waits
+on one semaphore, so ``max_inflight`` bounds staged-or-persisting saves, and
+no two users can ever copy into one arena at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import anyio
+
+from . import _protocol as p
+from ._arena import Arena
+from ._staging import Flat
+
+__all__ = ["PREPARE", "Slot", "SlotPool"]
+
+PREPARE: Final = "prepare"
+
+
+@dataclass
+class Slot:
+    index: int
+    arena: Arena | None = None
+    retired: list[Arena] = field(default_factory=list)
+    """Arenas this slot replaced; the daemon is told to unmap them at the next announce."""
+    holder: Any = None
+
+    def fit(self, flat: Flat) -> Arena:
+        """An arena for ``flat``'s layout (blocking: a new one is allocated and pre-faulted)."""
+        if self.arena is not None and self.arena.fits(flat):
+            return self.arena
+        if self.arena is not None:
+            self.retired.append(self.arena)
+        self.arena = Arena(flat.layout)
+        return self.arena
+
+    def announce(self, gen: Any) -> None:
+        """Tell ``gen``'s daemon to unmap retired arenas and to map the current one."""
+        for old in self.retired:
+            if old.arena_id in gen.arenas:
+                gen.send(p.ReleaseArena(old.arena_id))
+                gen.arenas.discard(old.arena_id)
+        arena = self.arena
+        if arena is not None and arena.arena_id not in gen.arenas:
+            gen.send(
+                p.Arena(arena.arena_id, arena.nbytes, arena.layout_offset, arena.layout_nbytes),
+                fd=arena.fd,
+            )
+            gen.arenas.add(arena.arena_id)
+
+    def close_retired(self) -> None:
+        """Unmap retired arenas on our side (blocking; after :meth:`announce`)."""
+        retired, self.retired = self.retired, []
+        for old in retired:
+            old.close()
+
+    def close(self) -> None:
+        self.close_retired()
+        if self.arena is not None:
+            self.arena.close()
+            self.arena = None
+
+
+class SlotPool:
+    def __init__(self, n: int) -> None:
+        self.slots = [Slot(i) for i in range(n)]
+        self._free = anyio.Semaphore(n)
+
+    @property
+    def any_free(self) -> bool:
+        return self._free.value > 0
+
+    def _claim(self, holder: Any) -> Slot:
+        slot = next(s for s in self.slots if s.holder is None)
+        slot.holder = holder
+        return slot
+
+    async def take(self, holder: Any) -> Slot:
+        """Wait for a free slot and hold it (cancellable: then nothing is held)."""
+        await self._free.acquire()
+        return self._claim(holder)
+
+    def try_take(self, holder: Any) -> Slot | None:
+        try:
+            self._free.acquire_nowait()
+        except anyio.WouldBlock:
+            return None
+        return self._claim(holder)
+
+    def give(self, slot: Slot, holder: Any) -> None:
+        """Give ``slot`` back; only its holder may, and only once."""
+        if slot.holder is not holder:
+            return
+        slot.holder = None
+        self._free.release()
