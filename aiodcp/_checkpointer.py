@@ -238,6 +238,7 @@ class AsyncCheckpointer:
         assert self._tg is not None and self._group is not None
         self._daemons = Supervisor(
             self._tg,
+            self.root,
             self._group,
             self._daemon_config,
             init_timeout=self.init_timeout,
@@ -507,13 +508,10 @@ class AsyncCheckpointer:
         self, handle: SaveHandle, gen: Generation, slot: Slot, fd: int, nbytes: int, ow: bool
     ) -> None:
         """Hand the handle to ``gen`` (on the loop, no await in between: atomic)."""
-        if not gen.alive:
-            raise WorkerDiedError(
-                f"checkpoint daemon (pid {gen.pid}) {describe_exit(gen.returncode)} while "
-                f"step {handle.step} was staged; the step was not published",
-                returncode=gen.returncode,
-                step=handle.step,
-            )
+        if not gen.alive:  # it died while we staged: the handle reports it
+            self._finish(handle, None, self._died_error(gen, handle.step))
+            self._unobserved.append(handle)
+            return
         slot.announce(gen)
         assert slot.arena is not None
         handle._req_id = self._next_req

@@ -120,7 +120,7 @@ class Generation:
 
     @property
     def alive(self) -> bool:
-        return self.state == "serving"
+        return self.state == "serving" and self.conn.state is p.State.SERVING
 
     # ------------------------------------------------------------------ start
     @classmethod
@@ -245,6 +245,8 @@ class Generation:
                     if ev is p.NEED_DATA:
                         break
                     if isinstance(ev, p.Closed):
+                        if self.state == "serving":
+                            self.state = "retiring"  # EOF: the process is on its way out
                         return
                     assert isinstance(ev, p.Message)
                     self._handle(ev)
@@ -297,8 +299,8 @@ class Generation:
         ``fd`` is duplicated into the kernel's socket buffer before this returns
         (or, if the socket is full, kept open by us until it is).
         """
-        if self.state == "exited":
-            return False
+        if self.state == "exited" or self.conn.state is p.State.CLOSED:
+            return False  # gone, or its channel is at EOF: the exit watch reports it
         frame = self.conn.send(msg)
         self._queue.append((memoryview(frame), None if fd is None else os.dup(fd)))
         if len(self._queue) == 1 and not self._write_some():

@@ -36,7 +36,7 @@ def root(tmp_path: Path) -> Path:
 
 
 def daemon_pids() -> set[int]:
-    """pids of live aiodcp daemons that are children of this process."""
+    """pids of live aiodcp daemons (on this machine; callers look up a pid they know)."""
     out = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -48,7 +48,7 @@ def daemon_pids() -> set[int]:
                 stat = f.read()
         except OSError:
             continue
-        if b"aiodcp._daemon" in cmd and " Z " not in stat:
+        if any(b"aiodcp._daemon" in arg for arg in cmd) and " Z " not in stat:
             out.add(int(entry))
     return out
 

@@ -50,7 +50,9 @@ async def test_save_returns_once_staged_and_commits_plain_dcp(root: Path) -> Non
             ]
         )
         assert result.stage_seconds > 0 and result.persist_seconds > 0
-        assert "big" in result.metadata.state_dict_metadata
+        # metadata is read from disk on first access (a blocking read: off the loop)
+        metadata = await anyio.to_thread.run_sync(lambda: result.metadata)
+        assert "big" in metadata.state_dict_metadata
         assert await ckpt.steps() == [100]
     assert ckpt.worker_pid is None and pid not in daemon_pids()
     plain = {"big": torch.zeros(1000, 3), "opt": {"step": -1, "moments": [torch.zeros(1000)]}}

@@ -242,22 +242,27 @@ async def test_random_sigkills_never_publish_a_partial(root: Path, slow_write: N
     async with aiodcp.AsyncCheckpointer(root) as ckpt:
         for i in range(8):
             value = float(i * 10)
-            await ckpt.prepare(_state(n=4))  # (re)starts the daemon if the last one was killed
-            pid = ckpt.worker_pid
-            assert pid is not None
+            await ckpt.prepare(_state(n=4))  # prepare() never starts a daemon; save() does
             if i % 2:  # kill while the parent is still staging
+                killed: list[int] = []
                 async with anyio.create_task_group() as tg:
 
-                    async def kill_soon(pid: int = pid) -> None:
+                    async def kill_soon(killed: list[int] = killed) -> None:
+                        while ckpt.worker_pid is None:  # noqa: ASYNC110  (a fresh daemon)
+                            await anyio.sleep(0.001)
                         await anyio.sleep(rng.uniform(0.0, 0.03))
-                        os.kill(pid, signal.SIGKILL)
+                        killed.append(ckpt.worker_pid or 0)
+                        os.kill(killed[0], signal.SIGKILL)
 
                     tg.start_soon(kill_soon)
                     handle = await ckpt.save(big, step=i)
+                pid = killed[0]
                 with pytest.raises(WorkerDiedError):
                     await handle
             else:  # kill during persist or commit
                 handle = await ckpt.save(_state(value, n=4), step=i)
+                pid = ckpt.worker_pid
+                assert pid is not None
                 await anyio.sleep(rng.uniform(0.0, 0.8))
                 os.kill(pid, signal.SIGKILL)
                 try:
