@@ -45,18 +45,19 @@ def _arena_maps(pid: int) -> int:
 
 @pytest.mark.asyncio
 async def test_prepare_during_save_never_shares_a_slot(root: Path) -> None:
-    """obs 1: prepare() racing save() (same layout, then a new one): every commit is
-    bit-exact (never zeros, never a crash) and no arena stays open after close."""
+    """obs 1: prepare() of another layout racing save() (a background warm-up): every
+    commit is bit-exact (never zeros, never a crash) and no arena stays open after close."""
     async with aiodcp.AsyncCheckpointer(root) as ckpt:
-        for i, size in enumerate([2_000_000, 2_000_000, 1_000_000]):
-            state = _big(float(i + 1), size=size)
+        for i in range(6):
+            state = _big(float(i + 1), size=2_000_000 if i % 2 else 1_500_000)
+            other = _big(0.0, size=1_000_000 + i)
             async with anyio.create_task_group() as tg:
-                tg.start_soon(ckpt.prepare, _big(0.0, size=size))
-                tg.start_soon(ckpt.prepare, _big(0.0, size=3 - i))  # another layout, too
+                tg.start_soon(ckpt.prepare, other)
+                await anyio.sleep(0.005 * (i % 3))
                 handle = await ckpt.save(state, step=i)
             await handle
             out = await _load(root, state, i)
-            assert all(torch.equal(out[k], state[k]) for k in state)
+            assert all(torch.equal(out[k], state[k]) for k in state), f"step {i} differs"
     assert _memfds() == 0
 
 
@@ -81,12 +82,17 @@ async def test_an_error_in_our_own_task_never_hangs_close(root: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_a_busy_loop_delays_replies_but_never_mutes_the_daemon(root: Path) -> None:
-    """obs 3: 3,000 tensors, then the loop is blocked 3 s by synchronous training while
+    """obs 3: 10,000 tensors, then the loop is blocked 3 s by synchronous training while
     the daemon replies: the handle still resolves once the loop is back."""
-    state = {f"t{i}": torch.full((16,), float(i)) for i in range(3000)}
+    state = {f"t{i}": torch.full((16,), float(i)) for i in range(10_000)}
     async with aiodcp.AsyncCheckpointer(root) as ckpt:
         handle = await ckpt.save(state)
-        time.sleep(3)  # noqa: ASYNC251  (synchronous training: the loop does not run)
+        await anyio.sleep(0.2)
+        # Synchronous training: the loop does not run while the daemon commits and replies.
+        deadline = time.monotonic() + 60
+        while not (root / "step_0").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)  # noqa: ASYNC251
+        time.sleep(3)  # noqa: ASYNC251
         with anyio.fail_after(60):
             result = await handle
         assert result.step == 0
