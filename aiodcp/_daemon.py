@@ -350,7 +350,10 @@ class Daemon:
         import torch.distributed as dist
 
         out: list[Any] = [None] * self.cfg.world_size
-        dist.all_gather_object(out, obj)
+        try:
+            dist.all_gather_object(out, obj)
+        except RuntimeError as exc:  # gloo: a peer's daemon vanished mid-collective
+            raise PeerFailed(f"lost contact with another rank's daemon: {exc}") from exc
         return out
 
     def _vote(self, req: _Request) -> str:

@@ -68,15 +68,17 @@ class Supervisor:
             rdv: Rendezvous | None = None
             if self._agreement is not None:
                 abandoned = threading.Event()
-                try:
-                    rdv = await anyio.to_thread.run_sync(
-                        self._agreement.agree,
-                        alive,
-                        self._use_prefix_store,
-                        self._agree_timeout,
-                        abandoned,
-                        abandon_on_cancel=True,
+                agreement = self._agreement
+
+                def agree() -> Rendezvous | None:
+                    # /proc knows of a death the event loop may not have seen yet
+                    running = alive and gen is not None and _running(gen.pid)
+                    return agreement.agree(
+                        running, self._use_prefix_store, self._agree_timeout, abandoned
                     )
+
+                try:
+                    rdv = await anyio.to_thread.run_sync(agree, abandon_on_cancel=True)
                 finally:
                     abandoned.set()  # an abandoned thread stops at its next poll
                 if rdv is None:
@@ -124,3 +126,13 @@ class Supervisor:
         with anyio.CancelScope(shield=True):
             if self.current is not None:
                 await self.current.stop(self._shutdown_timeout)
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (blocking: reads /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")

@@ -42,3 +42,25 @@ def test_two_ranks(tmp_path: Path, mode: str) -> None:
     ]
     for name in expected:
         assert f"OK {name}" in proc.stdout, out[-6000:]
+
+
+OWNERSHIP = REPO / "tests" / "multirank_ownership.py"
+
+
+@pytest.mark.timeout(300)
+def test_two_ranks_restart_together_and_fence_old_daemons(tmp_path: Path) -> None:
+    """Issue 10 (obs 4, 5, 13, 14) and issue 11 on 2 real ranks: idle death restarts
+    every rank's daemon together; a peer's death is a failure, never a cancel; an old
+    daemon's late exit touches nothing of the new one; the agreement is cancellable and
+    bounded; 20,000 tensors round-trip."""
+    cmd = torchrun(str(OWNERSHIP), str(tmp_path))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-8000:]
+    for name in [
+        "idle-death-restarts-every-rank",
+        "peer-death-is-a-failure-and-old-generations-are-fenced",
+        "twenty-thousand-tensors",
+        "agreement-is-cancellable-and-bounded",
+    ]:
+        assert f"OK {name}" in proc.stdout, out[-8000:]
