@@ -798,14 +798,29 @@ class AsyncCheckpointer:
         """Committed steps under ``root``, ascending."""
         return await anyio.to_thread.run_sync(_storage.list_steps, self.root)
 
-    async def load(self, state_dict: Mapping[str, Any], *, step: int | None = None) -> int:
+    async def load(
+        self,
+        state_dict: Mapping[str, Any],
+        *,
+        step: int | None = None,
+        verify: bool = False,
+        fallback: bool = False,
+    ) -> int:
         """Load a committed step into ``state_dict`` in place; return the step.
 
         ``step=None`` loads the latest. Runs DCP's load off the event loop on
-        this checkpointer's process group (resharding as DCP does).
+        this checkpointer's process group (resharding as DCP does). ``verify``
+        and ``fallback`` and the errors are as in :func:`aiodcp.load`.
         """
         self._check_open()
-        return await load_checkpoint(state_dict, self.root, step=step, group=self._group)
+        return await load_checkpoint(
+            state_dict,
+            self.root,
+            step=step,
+            group=self._group,
+            verify=verify,
+            fallback=fallback,
+        )
 
     def watch(
         self, *, include_latest: bool = False, poll_interval: float = 0.5

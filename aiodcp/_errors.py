@@ -85,12 +85,16 @@ class CheckpointCorruptError(CheckpointError):
         self.step = step
         self.file = file
 
+    def __reduce__(self) -> tuple[object, ...]:  # keeps step/file across ranks (pickle)
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
 
 class CheckpointMismatchError(CheckpointError):
     """The state dict does not fit the checkpoint: keys it lacks, or other shapes.
 
     ``missing``: keys of the state dict the checkpoint does not have;
-    ``mismatched``: key -> (shape in the state dict, shape in the checkpoint);
+    ``mismatched``: key -> (shape in the state dict, shape in the checkpoint, None
+    where the checkpoint holds a python object there);
     ``unexpected``: keys only the checkpoint has (not an error by themselves:
     as in DCP, a state dict may load a subset of a checkpoint).
     """
@@ -102,10 +106,22 @@ class CheckpointMismatchError(CheckpointError):
         step: int | None = None,
         missing: tuple[str, ...] = (),
         unexpected: tuple[str, ...] = (),
-        mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
+        mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...] | None]] | None = None,
     ):
         super().__init__(message)
         self.step = step
         self.missing = missing
         self.unexpected = unexpected
         self.mismatched = dict(mismatched or {})
+
+    def __reduce__(self) -> tuple[object, ...]:  # keeps the key lists across ranks (pickle)
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(
+    cls: type[BaseException], args: tuple[object, ...], state: dict[str, object]
+) -> BaseException:
+    exc = cls.__new__(cls)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc

@@ -33,9 +33,9 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import json
 import os
 import pickle
-import json
 import re
 import shutil
 import signal

@@ -178,6 +178,7 @@ class VerifiedWriter(FileSystemWriter):
             assert isinstance(data, io.BytesIO)
             stream.write(data.getbuffer())
         else:
+            assert isinstance(data, torch.Tensor)
             tensor = data.detach().cpu()
             if tensor.untyped_storage().size() != tensor.nbytes:
                 tensor = tensor.clone()  # torch.save would write the whole storage
