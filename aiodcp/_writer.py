@@ -65,10 +65,17 @@ class _HashingStream:
         self.raw = raw
         self.hash = xxhash.xxh3_64()
         self.pos = 0
+        # torch.save's zip writer (C++) swallows an exception of write() and fails
+        # later with "unexpected pos": the real error (EFBIG, ENOSPC) is kept here.
+        self.error: OSError | None = None
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        self.raw.write(view)  # BufferedWriter: writes all of it or raises
+        try:
+            self.raw.write(view)  # BufferedWriter: writes all of it or raises
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
         self.hash.update(view)
         self.pos += view.nbytes
         return view.nbytes
@@ -151,6 +158,7 @@ class VerifiedWriter(FileSystemWriter):
         ordered = [wi for wi in items if wi.type == WriteItemType.BYTE_IO] + [
             wi for wi in items if wi.type != WriteItemType.BYTE_IO
         ]
+        stream: _HashingStream | None = None
         try:
             with open(path, "wb") as raw:
                 stream = _HashingStream(raw)
@@ -161,10 +169,15 @@ class VerifiedWriter(FileSystemWriter):
                 stream.flush()
                 if self.sync_files:
                     os.fsync(raw.fileno())
-        except OSError as exc:
-            if exc.filename is None:
-                exc.filename = str(path)  # "[Errno 27] File too large: '.../__0_1.distcp'"
-            raise
+        except Exception as exc:
+            cause = stream.error if stream is not None and stream.error is not None else exc
+            if not isinstance(cause, OSError):
+                raise
+            if cause.filename is None:
+                cause.filename = str(path)  # "[Errno 27] File too large: '.../__0_1.distcp'"
+            if cause is exc:
+                raise
+            raise cause from None
         digest = FileDigest(name, stream.pos, stream.hash.hexdigest())
         out.append(WriteResult(MetadataIndex(_DIGEST_FQN + name), 0, digest))
         return out
