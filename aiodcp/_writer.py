@@ -56,6 +56,7 @@ class FileDigest:
 
 
 _DIGEST_FQN = "\0aiodcp-digest/"
+_SLICE = 1 << 20
 
 
 class _HashingStream:
@@ -71,12 +72,15 @@ class _HashingStream:
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        try:
-            self.raw.write(view)  # BufferedWriter: writes all of it or raises
-        except OSError as exc:
-            self.error = self.error or exc
-            raise
-        self.hash.update(view)
+        # slice by slice, so each slice is hashed while the write's copy left it in cache
+        for start in range(0, view.nbytes, _SLICE):
+            piece = view[start : start + _SLICE]
+            try:
+                self.raw.write(piece)  # BufferedWriter: writes all of it or raises
+            except OSError as exc:
+                self.error = self.error or exc
+                raise
+            self.hash.update(piece)
         self.pos += view.nbytes
         return view.nbytes
 
