@@ -17,8 +17,10 @@ import warnings as _warnings
 from ._checkpointer import AsyncCheckpointer, SaveEvent, SaveHandle, SaveResult
 from ._errors import (
     CheckpointCancelledError,
+    CheckpointCorruptError,
     CheckpointError,
     CheckpointExistsError,
+    CheckpointMismatchError,
     CheckpointNotFoundError,
     ProtocolError,
     SaveFailedError,
@@ -38,8 +40,10 @@ _warnings.filterwarnings(
 __all__ = [
     "AsyncCheckpointer",
     "CheckpointCancelledError",
+    "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointExistsError",
+    "CheckpointMismatchError",
     "CheckpointNotFoundError",
     "ProtocolError",
     "SaveEvent",

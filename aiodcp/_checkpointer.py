@@ -285,6 +285,9 @@ class AsyncCheckpointer:
             removed = _storage.cleanup_leftovers(self.root)
             if removed:
                 log.info("removed %d leftovers of interrupted saves in %s", len(removed), self.root)
+            appended = _storage.reconcile(self.root)  # the directories are the truth
+            if appended:
+                log.warning("steps %s were committed but not logged; logged them now", appended)
         self._high_step = max(self._high_step, _latest_on_disk(self.root, self.rank))
 
     def _daemon_config(self, rdv: Rendezvous | None) -> p.DaemonConfig:
@@ -422,6 +425,7 @@ class AsyncCheckpointer:
         t0 = time.perf_counter()
         handle = SaveHandle(-1, self._send_cancel)
         handle._t0 = t0
+        handle._overwrite = overwrite
         if self.when_busy == "skip" and not self._slots.any_free:
             return self._skipped(step, t0)
         slot = await self._slots.take(handle)
@@ -654,7 +658,8 @@ class AsyncCheckpointer:
         point), even if the daemon died before it could say so.
         """
         handles = list(gen.pending.values())
-        committed = await anyio.to_thread.run_sync(self._after_death, [h.step for h in handles])
+        fresh = [h.step for h in handles if not h._overwrite]  # an overwrite's step existed
+        committed = await anyio.to_thread.run_sync(self._after_death, fresh)
         for handle in handles:
             if handle.step in committed:
                 log.warning(
@@ -787,14 +792,29 @@ class AsyncCheckpointer:
         """Committed steps under ``root``, ascending."""
         return await anyio.to_thread.run_sync(_storage.list_steps, self.root)
 
-    async def load(self, state_dict: Mapping[str, Any], *, step: int | None = None) -> int:
+    async def load(
+        self,
+        state_dict: Mapping[str, Any],
+        *,
+        step: int | None = None,
+        verify: bool = False,
+        fallback: bool = False,
+    ) -> int:
         """Load a committed step into ``state_dict`` in place; return the step.
 
         ``step=None`` loads the latest. Runs DCP's load off the event loop on
-        this checkpointer's process group (resharding as DCP does).
+        this checkpointer's process group (resharding as DCP does). ``verify``
+        and ``fallback`` and the errors are as in :func:`aiodcp.load`.
         """
         self._check_open()
-        return await load_checkpoint(state_dict, self.root, step=step, group=self._group)
+        return await load_checkpoint(
+            state_dict,
+            self.root,
+            step=step,
+            group=self._group,
+            verify=verify,
+            fallback=fallback,
+        )
 
     def watch(
         self, *, include_latest: bool = False, poll_interval: float = 0.5

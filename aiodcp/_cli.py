@@ -1,7 +1,7 @@
-"""The ``aiodcp`` command: ``ls``, ``inspect``, ``gc``, ``demo`` and ``bench``.
+"""The ``aiodcp`` command: ``ls``, ``inspect``, ``verify``, ``gc``, ``demo`` and ``bench``.
 
 Built on argparse: it is in the standard library, so the package (which every daemon
-imports at start-up) stays free of CLI dependencies, and five flat subcommands need
+imports at start-up) stays free of CLI dependencies, and six flat subcommands need
 nothing more. Exit codes: 0 ok, 1 the operation failed, 2 bad usage (argparse).
 """
 
@@ -71,7 +71,7 @@ def _inspect(args: argparse.Namespace) -> int:
         step = args.step if args.step is not None else _storage.read_latest(root)
         if step is None:
             raise CheckpointError(f"no committed checkpoint in {root}")
-        metadata = _storage.verify(_storage.step_dir(root, step))
+        metadata = _storage.verify(_storage.step_dir(root, step), checksums=False)
     except CheckpointError as exc:
         print(f"aiodcp: {exc}", file=sys.stderr)
         return 1
@@ -111,6 +111,40 @@ def _inspect(args: argparse.Namespace) -> int:
     total = sum(r.get("bytes", 0) for r in rows)
     print(f"  {len(rows)} entries, {total / 2**20:.2f} MiB of tensors")
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """Check steps against their manifests (sizes and xxh3_64): 0 all good, 1 a mismatch."""
+    root = Path(args.root)
+    if not root.is_dir():
+        print(f"aiodcp: {root} is not a directory", file=sys.stderr)
+        return 1
+    steps = _storage.list_steps(root) if args.step is None else [args.step]
+    rows: list[dict[str, Any]] = []
+    for step in steps:
+        path = _storage.step_dir(root, step)
+        row: dict[str, Any] = {"step": step, "path": str(path), "ok": True, "file": None}
+        try:
+            if not _storage.is_committed(root, step):
+                raise CheckpointError(f"step {step} is not committed in {root}")
+            manifest = _storage.read_manifest(path)
+            _storage.verify(path, checksums=True)
+            row["checked"] = "checksums" if manifest is not None else "sizes (no aiodcp manifest)"
+        except CheckpointError as exc:
+            row.update(ok=False, error=str(exc), file=getattr(exc, "file", None))
+        rows.append(row)
+    bad = [r for r in rows if not r["ok"]]
+    if args.json:
+        print(json.dumps({"root": str(root), "ok": not bad, "steps": rows}, indent=2))
+    else:
+        for r in rows:
+            if r["ok"]:
+                print(f"step {r['step']}: ok ({r['checked']})")
+            else:
+                print(f"step {r['step']}: FAILED: {r['error']}")
+        if not rows:
+            print(f"no committed steps in {root}")
+    return 1 if bad else 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -199,11 +233,17 @@ def main(argv: list[str] | None = None) -> int:
     p_in.add_argument("root")
     p_in.add_argument("--step", type=int, default=None, help="default: the latest")
     p_in.add_argument("--json", action="store_true")
+    p_ver = sub.add_parser("verify", help="check steps' files against their checksums")
+    p_ver.add_argument("root")
+    p_ver.add_argument("--step", type=int, default=None, help="default: every step")
+    p_ver.add_argument("--json", action="store_true")
     p_demo = sub.add_parser("demo", help="a short async training loop with checkpointing")
     p_demo.add_argument("--root", default=None, help="default: a new temporary directory")
     p_demo.add_argument("--steps", type=int, default=60)
     p_demo.add_argument("--every", type=int, default=20)
-    p_gc = sub.add_parser("gc", help="remove leftovers of interrupted saves under ROOT")
+    p_gc = sub.add_parser(
+        "gc", help="remove leftovers of interrupted saves under ROOT (never a committed step)"
+    )
     p_gc.add_argument("root")
     p_gc.add_argument("--dry-run", action="store_true")
     sub.add_parser("bench", help="benchmark against DCP (pass --help after it)", add_help=False)
@@ -214,5 +254,5 @@ def main(argv: list[str] | None = None) -> int:
         return bench(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    commands = {"ls": _ls, "inspect": _inspect, "gc": _gc, "demo": _demo}
+    commands = {"ls": _ls, "inspect": _inspect, "verify": _verify, "gc": _gc, "demo": _demo}
     return commands[args.cmd](args)

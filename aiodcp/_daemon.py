@@ -449,24 +449,18 @@ class Daemon:
         return ""
 
     def _write(self, req: _Request, tmp: Path) -> int:
-        from torch.distributed.checkpoint.filesystem import FileSystemWriter
-        from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+        from . import _writer
 
         msg = req.msg
         arena = self.arenas[msg.arena_id]
         state = rebuild(pickle.loads(req.skeleton), arena.views, self.mesh)
         total = sum(s.nbytes for s in arena.specs)
         planner = _Planner(req, self, total, caching=self.pg is not None)
-        writer = FileSystemWriter(
-            tmp, thread_count=self.cfg.thread_count, sync_files=self.cfg.sync_files
+        # any writer thread's error fails the save; the bytes are hashed for the manifest
+        writer = _writer.VerifiedWriter(
+            tmp, step=msg.step, thread_count=self.cfg.thread_count, sync_files=self.cfg.sync_files
         )
-        dcp_save(
-            state,
-            storage_writer=writer,
-            planner=planner,
-            process_group=self.pg,
-            no_dist=self.pg is None,
-        )
+        _writer.save(state, writer=writer, planner=planner, rank=self.cfg.rank, pg=self.pg)
         planner.report(final=True)
         return total
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointCancelledError",
+    "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointExistsError",
+    "CheckpointMismatchError",
     "CheckpointNotFoundError",
     "ProtocolError",
     "SaveFailedError",
@@ -68,3 +70,58 @@ class CheckpointExistsError(CheckpointError, FileExistsError):
 
 class ProtocolError(CheckpointError):
     """A frame on the parent/daemon channel is malformed or out of order."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A committed step's files do not match what was committed.
+
+    A file ``.metadata`` or the commit manifest names is missing, shorter than
+    needed, or (when checksums are checked) its bytes changed. ``step`` and
+    ``file`` (a name inside the step directory) say where; either may be None.
+    """
+
+    def __init__(self, message: str, *, step: int | None = None, file: str | None = None):
+        super().__init__(message)
+        self.step = step
+        self.file = file
+
+    def __reduce__(self) -> tuple[object, ...]:  # keeps step/file across ranks (pickle)
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The state dict does not fit the checkpoint: keys it lacks, or other shapes.
+
+    ``missing``: keys of the state dict the checkpoint does not have;
+    ``mismatched``: key -> (shape in the state dict, shape in the checkpoint, None
+    where the checkpoint holds a python object there);
+    ``unexpected``: keys only the checkpoint has (not an error by themselves:
+    as in DCP, a state dict may load a subset of a checkpoint).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        step: int | None = None,
+        missing: tuple[str, ...] = (),
+        unexpected: tuple[str, ...] = (),
+        mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...] | None]] | None = None,
+    ):
+        super().__init__(message)
+        self.step = step
+        self.missing = missing
+        self.unexpected = unexpected
+        self.mismatched = dict(mismatched or {})
+
+    def __reduce__(self) -> tuple[object, ...]:  # keeps the key lists across ranks (pickle)
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(
+    cls: type[BaseException], args: tuple[object, ...], state: dict[str, object]
+) -> BaseException:
+    exc = cls.__new__(cls)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc

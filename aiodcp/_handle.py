@@ -98,6 +98,7 @@ class SaveHandle:
         self._t0 = time.perf_counter()
         self._stage_seconds = 0.0
         self._nbytes = 0
+        self._overwrite = False
         self._gen: Any = None  # the Generation it was sent to
         self._slot: Any = None  # the staging slot it holds until done
 

@@ -1,8 +1,10 @@
-"""Reading checkpoints: resolve a step, hold it, verify it, ``dcp.load`` it -- off the loop."""
+"""Reading checkpoints: choose a step, verify it, hold it, check the state dict fits,
+``dcp.load`` it -- off the loop, every failure a typed ``CheckpointError``."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -12,49 +14,177 @@ import anyio
 import anyio.to_thread
 
 from . import _storage
-from ._dist import Group, broadcast_int, resolve_group
-from ._errors import CheckpointError, CheckpointNotFoundError
+from ._dist import Group, resolve_group
+from ._errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+)
 
 __all__ = ["hold", "load", "load_checkpoint"]
 
-
-def _resolve_step(root: Path, step: int | None) -> int:
-    if step is None:
-        latest = _storage.read_latest(root)
-        if latest is None:
-            raise CheckpointNotFoundError(f"no committed checkpoint in {root}")
-        return latest
-    if not (_storage.step_dir(root, step) / _storage.METADATA).is_file():
-        raise CheckpointNotFoundError(f"step {step} is not committed in {root}")
-    return step
+log = logging.getLogger("aiodcp")
 
 
-def _load_blocking(state_dict: Any, root: Path, step: int | None, group: Group) -> int:
+def _choose_step(root: Path, step: int | None, verify: bool, fallback: bool) -> int:
+    """Which step to load, checked (sizes; checksums with ``verify``). Rank 0 runs it.
+
+    With ``step=None`` and ``fallback``: the newest step that verifies, each skipped
+    one logged with the reason; without ``fallback`` a damaged latest raises.
+    """
+    if step is not None:
+        if not _storage.is_committed(root, step):
+            raise CheckpointNotFoundError(f"step {step} is not committed in {root}")
+        _storage.verify(_storage.step_dir(root, step), checksums=verify)
+        return step
+    steps = _storage.list_steps(root)
+    if not steps:
+        raise CheckpointNotFoundError(f"no committed checkpoint in {root}")
+    for candidate in reversed(steps):
+        try:
+            _storage.verify(_storage.step_dir(root, candidate), checksums=verify)
+            return candidate
+        except (CheckpointCorruptError, CheckpointNotFoundError) as exc:
+            if not fallback:
+                raise
+            log.warning("load: skipping step %d of %s: %s", candidate, root, exc)
+    raise CheckpointCorruptError(
+        f"no step in {root} verifies (checked {len(steps)}: {steps[0]}..{steps[-1]})"
+    )
+
+
+def _short(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _mismatch(state_dict: Mapping[str, Any], metadata: Any, step: int) -> CheckpointError | None:
+    """Compare the state dict's flattened keys and tensor shapes with the checkpoint's.
+
+    Keys the state dict has and the checkpoint lacks, and tensors of another shape,
+    are errors; keys only the checkpoint has are not (DCP loads a subset), but are
+    named in the message to help spot a rename.
+    """
+    import torch
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+    from torch.distributed.checkpoint.stateful import Stateful
+
+    try:
+        sd = {k: (v.state_dict() if isinstance(v, Stateful) else v) for k, v in state_dict.items()}
+        flat, _ = flatten_state_dict(sd)
+    except Exception as exc:
+        return CheckpointError(f"cannot read the state dict's keys: {type(exc).__name__}: {exc}")
+    have = metadata.state_dict_metadata
+    missing = sorted(k for k in flat if k not in have)
+    mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...] | None]] = {}
+    for key, value in flat.items():
+        md = have.get(key)
+        if md is None or not isinstance(value, torch.Tensor):
+            continue
+        size = getattr(md, "size", None)  # None: the checkpoint holds a python object
+        theirs = None if size is None else tuple(int(d) for d in size)
+        if tuple(value.size()) != theirs:
+            mismatched[key] = (tuple(value.size()), theirs)
+    if not missing and not mismatched:
+        return None
+    unexpected = sorted(k for k in have if k not in flat)
+    parts = []
+    if missing:
+        parts.append(f"keys missing from the checkpoint: {_short(missing)}")
+    if mismatched:
+        shapes = [
+            f"{k!r} is {tuple(mine)} in the state dict but "
+            + ("a python object" if theirs is None else f"{theirs}")
+            + " in the checkpoint"
+            for k, (mine, theirs) in sorted(mismatched.items())
+        ]
+        parts.append("shape mismatch: " + "; ".join(shapes[:8]))
+    if unexpected:
+        parts.append(
+            f"keys only in the checkpoint (not loaded, not an error): {_short(unexpected)}"
+        )
+    return CheckpointMismatchError(
+        f"step {step} does not fit the state dict: " + "; ".join(parts),
+        step=step,
+        missing=tuple(missing),
+        unexpected=tuple(unexpected),
+        mismatched=mismatched,
+    )
+
+
+def _from_rank0(group: Group, obj: Any) -> Any:
+    import torch.distributed as dist
+
+    box: list[Any] = [obj]
+    dist.broadcast_object_list(
+        box, src=dist.get_global_rank(group.pg, 0), group=group.pg, device=group.device
+    )
+    return box[0]
+
+
+def _first_error(group: Group, err: CheckpointError | None) -> CheckpointError | None:
+    """The lowest rank's error, on every rank (blocking collective)."""
+    import torch.distributed as dist
+
+    every: list[Any] = [None] * group.world_size
+    dist.all_gather_object(every, err, group=group.pg)
+    for rank, e in enumerate(every):
+        if e is not None:
+            if rank != group.rank:
+                e.args = (f"rank {rank}: {e}",)
+            assert isinstance(e, CheckpointError)
+            return e
+    return None
+
+
+def _dcp_failure(exc: BaseException) -> str:
+    """DCP's ``CheckpointException`` (a BaseException) in one line per failed rank."""
+    failures = getattr(exc, "failures", None)
+    if not isinstance(failures, dict) or not failures:
+        return str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
+    parts = []
+    for rank, f in sorted(failures.items()):
+        inner = f[0] if isinstance(f, tuple) else f
+        parts.append(f"rank {rank}: {type(inner).__name__}: {inner}")
+    return "; ".join(parts)
+
+
+def _load_blocking(
+    state_dict: Any, root: Path, step: int | None, group: Group, verify: bool, fallback: bool
+) -> int:
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
     _storage.check_step(step)
     if group.distributed:
-        # Every rank must load the same step: rank 0 decides (-1: none found).
-        mine: int | None = None
+        # Every rank must load the same step, or raise the same error: rank 0 decides.
+        mine: int | CheckpointError | None = None
         if group.rank == 0:
             try:
-                mine = _resolve_step(root, step)
-            except CheckpointNotFoundError:
-                mine = -1
-        chosen = broadcast_int(group, mine)
-        if chosen is None or chosen < 0:
-            raise CheckpointNotFoundError(
-                f"no committed checkpoint in {root}"
-                if step is None
-                else f"step {step} is not committed in {root}"
-            )
+                mine = _choose_step(root, step, verify, fallback)
+            except CheckpointError as exc:
+                mine = exc
+        chosen = _from_rank0(group, mine)
+        if isinstance(chosen, CheckpointError):
+            raise chosen
+        assert isinstance(chosen, int)
         step = chosen
     else:
-        step = _resolve_step(root, step)
+        step = _choose_step(root, step, verify, fallback)
     path = _storage.step_dir(root, step)
     lease = _try_hold(root, step)
     try:
-        _storage.verify(path)
+        err: CheckpointError | None
+        try:
+            metadata = _storage.verify(path, checksums=False)  # cheap; gives the metadata
+            err = _mismatch(state_dict, metadata, step)
+        except CheckpointError as exc:
+            err = exc
+        if group.distributed:
+            err = _first_error(group, err)
+        if err is not None:
+            raise err
         try:
             dcp_load(
                 state_dict,
@@ -62,8 +192,10 @@ def _load_blocking(state_dict: Any, root: Path, step: int | None, group: Group) 
                 process_group=group.pg if group.distributed else None,
                 no_dist=not group.distributed,
             )
+        except CheckpointException as exc:
+            raise CheckpointError(f"loading {path} failed: {_dcp_failure(exc)}") from None
         except Exception as exc:
-            raise CheckpointError(f"loading {path} failed: {exc}") from exc
+            raise CheckpointError(f"loading {path} failed: {type(exc).__name__}: {exc}") from exc
     finally:
         if lease is not None:
             _storage.release_hold(root, lease)
@@ -78,11 +210,19 @@ def _try_hold(root: Path, step: int) -> int | None:
 
 
 async def load_checkpoint(
-    state_dict: Mapping[str, Any], root: Path, *, step: int | None, group: Group | None
+    state_dict: Mapping[str, Any],
+    root: Path,
+    *,
+    step: int | None,
+    group: Group | None,
+    verify: bool = False,
+    fallback: bool = False,
 ) -> int:
     if group is None:
         group = resolve_group(None)
-    return await anyio.to_thread.run_sync(_load_blocking, state_dict, root, step, group)
+    return await anyio.to_thread.run_sync(
+        _load_blocking, state_dict, root, step, group, verify, fallback
+    )
 
 
 async def load(
@@ -91,19 +231,41 @@ async def load(
     *,
     step: int | None = None,
     process_group: Any = None,
+    verify: bool = False,
+    fallback: bool = False,
 ) -> int:
     """Load a committed checkpoint into ``state_dict`` in place, without a daemon.
 
     ``step=None`` loads the latest committed step; returns the step loaded.
     Tensors are loaded in place and ``Stateful`` values get ``load_state_dict``,
     as with ``torch.distributed.checkpoint.load``; resharding works the same way.
+    Every key of ``state_dict`` must be in the checkpoint with the same shape;
+    the checkpoint may hold more keys (they are not loaded), as in DCP.
+
+    The step's files are always checked against its ``.metadata`` and manifest
+    (present, committed sizes); ``verify=True`` also checks every file's xxh3_64
+    checksum (reads the whole step once more). ``fallback=True`` with
+    ``step=None`` loads the newest step that passes those checks, logging each
+    one it skips (logger ``aiodcp``). With several ranks, rank 0 decides the step
+    and every rank raises the same error.
 
     Raises:
         CheckpointNotFoundError: no such committed step.
-        CheckpointError: the checkpoint is damaged (the missing or short file is named).
+        CheckpointCorruptError: the step's files differ from what was committed
+            (step and file named); with ``fallback``, no step verifies.
+        CheckpointMismatchError: keys of ``state_dict`` the checkpoint lacks, or
+            tensors of another shape (all named).
+        CheckpointError: DCP's load failed (its error, in one line per rank).
     """
     path = await anyio.to_thread.run_sync(_storage.abspath, root)
-    return await load_checkpoint(state_dict, path, step=step, group=resolve_group(process_group))
+    return await load_checkpoint(
+        state_dict,
+        path,
+        step=step,
+        group=resolve_group(process_group),
+        verify=verify,
+        fallback=fallback,
+    )
 
 
 @contextlib.asynccontextmanager

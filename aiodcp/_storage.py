@@ -3,10 +3,13 @@
 ::
 
     root/
-      step_100/            a committed checkpoint: a plain DCP directory
+      step_100/            a committed checkpoint: a plain DCP directory, plus
         .metadata
         __0_0.distcp ...
+        .aiodcp-manifest.json  size and xxh3_64 of every file, written before the rename
       step_200/
+      step_300/            a plain ``dcp.save`` directory (no manifest): listed and
+                           loadable, never deleted by retention
       latest               "200": the newest committed step (atomically replaced)
       .commits             one line per commit, appended after it: what watchers follow
       .tmp-step_300-<id>/  a save in progress (never listed, removed at next start)
@@ -15,9 +18,12 @@
       .lock                held by the writer (rank 0) of a live checkpointer
 
 A checkpoint becomes visible only through ``rename(2)`` of its temporary
-directory, after its files, ``.metadata`` and the directory itself are
-fsync'ed; so ``step_N`` existing *means* committed. Functions here block;
-callers in the parent run them in worker threads.
+directory, after its files were checked against ``.metadata`` and its manifest,
+and the files, the manifest and the directory itself fsync'ed; so ``step_N``
+existing *means* committed. The disk is the single source of truth: ``latest``
+and ``.commits`` are derived from the step directories and :func:`reconcile`
+repairs them after a crash between the rename and their update. Functions here
+block; callers in the parent run them in worker threads.
 """
 
 from __future__ import annotations
@@ -27,16 +33,25 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import json
 import os
 import pickle
 import re
 import shutil
+import signal
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ._errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError
+import xxhash
+
+from ._errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+)
 
 __all__ = [
     "check_step",
@@ -56,6 +71,13 @@ __all__ = [
     "step_dir",
     "tmp_dir",
     "verify",
+    "reconcile",
+    "is_committed",
+    "is_managed",
+    "file_digest",
+    "write_manifest",
+    "read_manifest",
+    "MANIFEST",
     "release_hold",
     "write_latest",
     "fsync_dir",
@@ -70,6 +92,12 @@ COMMITS = ".commits"
 HOLDS_DIR = ".holds"
 LOCK = ".lock"
 METADATA = ".metadata"
+MANIFEST = ".aiodcp-manifest.json"
+MANIFEST_FORMAT = "aiodcp-manifest"
+MANIFEST_VERSION = 1
+# Test-only hook: the committing process SIGKILLs itself at this point of commit()
+# (before_rename, after_rename, after_latest, after_log). Never set it in production.
+KILL_AT_ENV = "AIODCP_TEST_KILL_AT"
 
 
 def abspath(root: str | os.PathLike[str]) -> Path:
@@ -112,9 +140,21 @@ def list_steps(root: Path) -> list[int]:
 
 
 def read_latest(root: Path) -> int | None:
-    """The newest committed step, or None when there is none."""
+    """The newest committed step, or None when there is none (from the listing:
+    the ``latest`` file is derived from it, never the other way round)."""
     steps = list_steps(root)
     return steps[-1] if steps else None
+
+
+def is_committed(root: Path, step: int) -> bool:
+    """Whether ``step_<step>`` is a committed checkpoint (by aiodcp or plain DCP)."""
+    return (step_dir(root, step) / METADATA).is_file()
+
+
+def is_managed(root: Path, step: int) -> bool:
+    """Whether aiodcp committed ``step`` (it carries aiodcp's manifest). Retention and
+    ``aiodcp gc`` delete only such steps; a plain ``dcp.save`` directory is never touched."""
+    return (step_dir(root, step) / MANIFEST).is_file()
 
 
 # ------------------------------------------------------------------- durability
@@ -171,16 +211,31 @@ def write_latest(root: Path, step: int) -> None:
     fsync_dir(root)
 
 
-def commit(root: Path, tmp: Path, step: int, *, overwrite: bool) -> Path:
-    """Publish ``tmp`` as ``step_<step>`` atomically, after making it durable.
+def _fault_point(point: str) -> None:
+    """Test hook: die here, as a crash would, when ``AIODCP_TEST_KILL_AT`` names ``point``."""
+    if os.environ.get(KILL_AT_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
-    With ``overwrite`` an existing step is swapped out in one ``rename`` (the old
-    one stays loadable until then) and deleted afterwards.
+
+def commit(root: Path, tmp: Path, step: int, *, overwrite: bool) -> Path:
+    """Publish ``tmp`` as ``step_<step>`` atomically, after checking it and making it durable.
+
+    In this order: verify (every chunk ``.metadata`` declares has a storage entry,
+    every file it names is there and long enough, the manifest's sizes match) ->
+    manifest (hashed here if the writer did not leave one) -> fsync files and
+    directory -> rename -> fsync ``root`` -> ``latest`` -> ``.commits``. A crash
+    after the rename leaves ``latest``/``.commits`` behind: :func:`reconcile`
+    catches them up. With ``overwrite`` an existing step is swapped out in one
+    ``rename`` (the old one stays loadable until then) and deleted afterwards.
     """
     if not (tmp / METADATA).is_file():
         raise CheckpointError(f"refusing to commit {tmp}: it has no {METADATA}")
+    verify(tmp, checksums=False, step=step)
+    if read_manifest(tmp, step=step) is None:
+        write_manifest(tmp, step, _hash_files(tmp, _needed_files(tmp)))
     _fsync_tree(tmp)
     final = step_dir(root, step)
+    _fault_point("before_rename")
     if final.exists():
         if not overwrite:
             raise CheckpointExistsError(f"step {step} already exists in {root}")
@@ -198,11 +253,46 @@ def commit(root: Path, tmp: Path, step: int, *, overwrite: bool) -> Path:
         except FileExistsError:
             raise CheckpointExistsError(f"step {step} already exists in {root}") from None
     fsync_dir(root)
+    _fault_point("after_rename")
     latest = read_latest(root)
     if latest is not None:
         write_latest(root, latest)
+    _fault_point("after_latest")
     append_commit(root, step)
+    _fault_point("after_log")
     return final
+
+
+def _read_latest_file(root: Path) -> int | None:
+    try:
+        text = (root / LATEST).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else -1
+
+
+def reconcile(root: Path) -> list[int]:
+    """Make ``latest`` and ``.commits`` agree with the committed step directories.
+
+    A committed step missing from the log (the committer died between the rename
+    and the append) is appended, ascending, so watchers see it; ``latest`` is
+    rewritten if it is wrong. Idempotent and durable (fsync'ed). Returns the steps
+    appended. Call it with no commit in flight (the writer lock held, no daemon).
+    """
+    steps = list_steps(root)
+    logged = read_commits(root, 0)
+    seen = set(logged[0]) if logged is not None else set()
+    want = steps[-1] if steps else None
+    have = _read_latest_file(root)
+    if want is not None and have != want:
+        write_latest(root, want)
+    elif want is None and have is not None:
+        (root / LATEST).unlink(missing_ok=True)
+        fsync_dir(root)
+    missing = [s for s in steps if s not in seen]
+    for s in missing:
+        append_commit(root, s)
+    return missing
 
 
 def append_commit(root: Path, step: int) -> None:
@@ -219,10 +309,13 @@ def read_commits(root: Path, offset: int) -> tuple[list[int], int] | None:
     """Steps committed since byte ``offset`` of the log, and the new offset.
 
     None when the root has no log (written by plain DCP or an older aiodcp). A line
-    still being written is left for the next call.
+    still being written is left for the next call. A log shorter than ``offset``
+    (replaced or truncated by hand) is read again from its start.
     """
     try:
         with open(root / COMMITS, "rb") as f:
+            if offset > os.fstat(f.fileno()).st_size:
+                offset = 0
             f.seek(offset)
             data = f.read()
     except FileNotFoundError:
@@ -348,8 +441,13 @@ def retention_victims(
 
 
 def apply_retention(root: Path, keep_last: int | None, keep_every: int | None) -> list[int]:
-    """Delete committed steps outside the policy, sparing those a reader holds."""
-    victims = retention_victims(list_steps(root), keep_last, keep_every)
+    """Delete committed steps outside the policy, sparing those a reader holds.
+
+    Only steps aiodcp committed (with its manifest) count and are deleted; a plain
+    DCP directory under the root is left alone.
+    """
+    managed = [s for s in list_steps(root) if is_managed(root, s)]
+    victims = retention_victims(managed, keep_last, keep_every)
     if not victims:
         return []
     doomed: list[tuple[int, Path]] = []
@@ -368,63 +466,170 @@ def apply_retention(root: Path, keep_last: int | None, keep_every: int | None) -
 
 
 # ----------------------------------------------------------------- verification
-def verify(path: Path) -> Any:
-    """Check that every file ``.metadata`` refers to is there and long enough.
+_HASH_CHUNK = 8 << 20
 
-    Returns the DCP metadata. Raises :class:`CheckpointError` naming the first
-    missing or truncated file: a damaged checkpoint never loads silently.
-    """
+
+def file_digest(path: Path) -> tuple[int, str]:
+    """``(size, xxh3_64 hex)`` of a file's bytes, read in 8 MiB chunks."""
+    h = xxhash.xxh3_64()
+    buf = bytearray(_HASH_CHUNK)
+    view = memoryview(buf)
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            size += n
+    return size, h.hexdigest()
+
+
+def _hash_files(path: Path, names: Iterable[str]) -> dict[str, tuple[int, str]]:
+    return {name: file_digest(path / name) for name in sorted({*names, METADATA})}
+
+
+def write_manifest(path: Path, step: int, files: dict[str, tuple[int, str]]) -> None:
+    """Write ``path/.aiodcp-manifest.json`` (format, step, size and xxh3_64 per file) durably."""
+    doc = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "step": step,
+        "hash": "xxh3_64",
+        "files": {
+            name: {"size": size, "xxh3_64": digest} for name, (size, digest) in files.items()
+        },
+    }
+    tmp = path / f"{MANIFEST}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path / MANIFEST)
+
+
+def _step_of(path: Path) -> int | None:
+    m = re.search(r"step_(\d+)", path.name)
+    return int(m.group(1)) if m else None
+
+
+def read_manifest(path: Path, *, step: int | None = None) -> dict[str, tuple[int, str]] | None:
+    """``{file: (size, xxh3_64 hex)}`` from the step's manifest; None if it has none
+    (a plain DCP directory). Raises :class:`CheckpointCorruptError` if it is unreadable."""
+    step = _step_of(path) if step is None else step
+    try:
+        with open(path / MANIFEST, "rb") as f:
+            doc = json.loads(f.read())
+        if doc.get("format") != MANIFEST_FORMAT or not isinstance(doc.get("files"), dict):
+            raise ValueError("not an aiodcp manifest")
+        if doc.get("version") != MANIFEST_VERSION:
+            raise ValueError(f"unknown manifest version {doc.get('version')!r}")
+        if step is not None and doc.get("step") != step:
+            raise ValueError(f"it is the manifest of step {doc.get('step')}")
+        return {str(name): (int(e["size"]), str(e["xxh3_64"])) for name, e in doc["files"].items()}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise CheckpointCorruptError(
+            f"step {step}: {MANIFEST} in {path} is unreadable: {exc}", step=step, file=MANIFEST
+        ) from None
+
+
+def _load_metadata(path: Path, step: int | None) -> Any:
     meta_path = path / METADATA
     try:
         with open(meta_path, "rb") as f:
-            metadata = pickle.load(f)
+            return pickle.load(f)
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"{meta_path} is missing") from None
     except Exception as exc:
-        raise CheckpointError(f"{meta_path} is unreadable: {exc}") from exc
+        raise CheckpointCorruptError(
+            f"step {step}: {meta_path} is unreadable: {exc}", step=step, file=METADATA
+        ) from exc
+
+
+def _needed_bytes(metadata: Any, step: int | None) -> dict[str, int]:
+    """File -> bytes it must hold, from ``.metadata``; every declared chunk must have a
+    storage entry (a writer thread that failed silently leaves some without one)."""
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    storage = getattr(metadata, "storage_data", None) or {}
+    for fqn, md in sorted((getattr(metadata, "state_dict_metadata", None) or {}).items()):
+        chunks = getattr(md, "chunks", None)
+        keys = [(fqn, tuple(c.offsets)) for c in chunks] if chunks is not None else [(fqn, None)]
+        for key_fqn, offsets in keys:
+            if MetadataIndex(key_fqn, offsets) not in storage:
+                where = "" if offsets is None else f" at offset {list(offsets)}"
+                raise CheckpointCorruptError(
+                    f"step {step}: {METADATA} declares {key_fqn!r}{where} "
+                    "but no file holds it (a writer failed)",
+                    step=step,
+                    file=METADATA,
+                )
     needed: dict[str, int] = {}
-    for info in (getattr(metadata, "storage_data", None) or {}).values():
+    for info in storage.values():
         rel = getattr(info, "relative_path", None)
         if rel is None:
             continue
         needed[rel] = max(needed.get(rel, 0), int(info.offset) + int(info.length))
-    for rel, size in sorted(needed.items()):
+    return needed
+
+
+def _needed_files(path: Path) -> list[str]:
+    return sorted(_needed_bytes(_load_metadata(path, _step_of(path)), _step_of(path)))
+
+
+def verify(path: Path, *, checksums: bool, step: int | None = None) -> Any:
+    """Check a step directory against what was committed; return its DCP metadata.
+
+    Always: the manifest's files have their committed sizes, every chunk
+    ``.metadata`` declares has a storage entry, every file it names is there and
+    long enough. With ``checksums``: every file in the manifest hashes to its
+    committed xxh3_64 (reads the whole step). A directory without aiodcp's
+    manifest (plain ``dcp.save``) gets the ``.metadata`` checks only.
+
+    Raises:
+        CheckpointCorruptError: naming the step and the first file that differs.
+        CheckpointNotFoundError: ``.metadata`` is missing (not a checkpoint).
+    """
+    step = _step_of(path) if step is None else step
+    manifest = read_manifest(path, step=step)
+    for name, (size, digest) in sorted((manifest or {}).items()):
+        file = path / name
+        try:
+            actual = file.stat().st_size
+        except FileNotFoundError:
+            if name == METADATA:
+                raise CheckpointNotFoundError(f"{file} is missing") from None
+            raise CheckpointCorruptError(
+                f"step {step}: checkpoint file {file} is missing", step=step, file=name
+            ) from None
+        if actual != size:
+            how = "truncated" if actual < size else "longer than committed"
+            raise CheckpointCorruptError(
+                f"step {step}: checkpoint file {file} is {how}: {actual} bytes, committed {size}",
+                step=step,
+                file=name,
+            )
+        if checksums and file_digest(file)[1] != digest:
+            raise CheckpointCorruptError(
+                f"step {step}: checkpoint file {file} is corrupt: its xxh3_64 checksum "
+                f"differs from the one committed ({digest})",
+                step=step,
+                file=name,
+            )
+    metadata = _load_metadata(path, step)
+    for rel, size in sorted(_needed_bytes(metadata, step).items()):
         file = path / rel
         try:
             actual = file.stat().st_size
         except FileNotFoundError:
-            raise CheckpointError(f"checkpoint file {file} is missing") from None
+            raise CheckpointCorruptError(
+                f"step {step}: checkpoint file {file} is missing", step=step, file=rel
+            ) from None
         if actual < size:
-            raise CheckpointError(
-                f"checkpoint file {file} is truncated: {actual} bytes, metadata needs {size}"
+            raise CheckpointCorruptError(
+                f"step {step}: checkpoint file {file} is truncated: {actual} bytes, "
+                f"metadata needs {size}",
+                step=step,
+                file=rel,
             )
     return metadata
-
-
-# ------------------------------------------------------------ derived state repair
-def is_committed(root: Path, step: int) -> bool:
-    """Whether ``step`` is committed (its directory, with ``.metadata``, is there)."""
-    return (step_dir(root, step) / METADATA).is_file()
-
-
-def reconcile(root: Path) -> list[int]:
-    """Make ``latest`` and ``.commits`` agree with the committed directories.
-
-    The rename is the commit point; everything else is derived. A committed step
-    missing from the commit log (the writer died between rename and append) is
-    appended, ascending; ``latest`` is rewritten if wrong. Returns the appended steps.
-    """
-    steps = list_steps(root)
-    logged = read_commits(root, 0)
-    seen = set(logged[0]) if logged is not None else set()
-    missing = [s for s in steps if s not in seen]
-    for s in missing:
-        append_commit(root, s)
-    if steps:
-        try:
-            current = int((root / LATEST).read_text().strip())
-        except (OSError, ValueError):
-            current = None
-        if current != steps[-1]:
-            write_latest(root, steps[-1])
-    return missing

@@ -2,7 +2,9 @@
 
 Commits made in this process wake watchers at once; commits by other
 processes are seen through inotify where the kernel has it (a commit is a
-rename into ``root``), else by polling every ``poll_interval`` seconds.
+rename into ``root``), else by polling every ``poll_interval`` seconds. A step
+counts as committed once its directory is renamed into place, whether or not
+its committer lived to append it to ``.commits``.
 """
 
 from __future__ import annotations
@@ -70,12 +72,17 @@ def _start(root: Path) -> tuple[int | None, int]:
 
 
 def _scan(root: Path, offset: int) -> tuple[list[int], int]:
-    """New commits from the log (every one, even if retention deleted it since);
-    from the directory listing where there is no log."""
+    """New commits: from the log (every one, even if retention deleted it since) and
+    from the directory listing (the disk is the truth: a step whose committer died
+    between the rename and the log append is committed all the same; the next
+    opener's ``reconcile`` appends it to the log later, and the caller yields each
+    step once because it only yields steps above the last one)."""
+    listed = _storage.list_steps(root)
     logged = _storage.read_commits(root, offset)
     if logged is None:
-        return _storage.list_steps(root), offset
-    return logged
+        return listed, offset
+    steps, offset = logged
+    return sorted({*steps, *listed}), offset
 
 
 async def watch(

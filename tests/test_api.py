@@ -17,8 +17,10 @@ def test_public_api_is_pinned() -> None:
     assert aiodcp.__all__ == [
         "AsyncCheckpointer",
         "CheckpointCancelledError",
+        "CheckpointCorruptError",
         "CheckpointError",
         "CheckpointExistsError",
+        "CheckpointMismatchError",
         "CheckpointNotFoundError",
         "ProtocolError",
         "SaveEvent",
@@ -40,6 +42,8 @@ def test_public_api_is_pinned() -> None:
         "CheckpointNotFoundError",
         "CheckpointCancelledError",
         "CheckpointExistsError",
+        "CheckpointCorruptError",
+        "CheckpointMismatchError",
         "ProtocolError",
     ):
         assert issubclass(getattr(aiodcp, err), aiodcp.CheckpointError)

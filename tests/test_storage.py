@@ -11,7 +11,12 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from aiodcp import CheckpointError, CheckpointExistsError, CheckpointNotFoundError
+from aiodcp import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+)
 from aiodcp import _storage as s
 
 
@@ -117,14 +122,14 @@ def test_hold_of_missing_step_is_not_found(tmp_path: Path) -> None:
 
 def test_verify_names_missing_and_truncated_files(tmp_path: Path) -> None:
     path = s.commit(tmp_path, _write_tmp(tmp_path, 1), 1, overwrite=False)
-    s.verify(path)
+    s.verify(path, checksums=False)
     data = next(path.glob("*.distcp"))
     os.truncate(data, data.stat().st_size - 10)
     with pytest.raises(CheckpointError, match=rf"{data.name} is truncated"):
-        s.verify(path)
+        s.verify(path, checksums=False)
     data.unlink()
     with pytest.raises(CheckpointError, match=rf"{data.name} is missing"):
-        s.verify(path)
+        s.verify(path, checksums=False)
 
 
 def test_writer_lock_is_exclusive_and_dies_with_its_holder(tmp_path: Path) -> None:
@@ -134,3 +139,60 @@ def test_writer_lock_is_exclusive_and_dies_with_its_holder(tmp_path: Path) -> No
         s.WriterLock(tmp_path).acquire()
     lock.release()
     s.WriterLock(tmp_path).acquire()
+
+
+def test_commit_refuses_a_chunk_no_file_holds(tmp_path: Path) -> None:
+    """A .metadata declaring a chunk without a storage entry (what a silently failed writer
+    thread leaves) is refused before the rename: nothing is published."""
+    import pickle
+
+    tmp = _write_tmp(tmp_path, 1)
+    meta = pickle.loads((tmp / ".metadata").read_bytes())
+    meta.storage_data.popitem()
+    (tmp / ".metadata").write_bytes(pickle.dumps(meta))
+    with pytest.raises(CheckpointCorruptError, match="no file holds it"):
+        s.commit(tmp_path, tmp, 1, overwrite=False)
+    assert s.list_steps(tmp_path) == [] and s.read_commits(tmp_path, 0) is None
+
+
+def test_commit_writes_a_manifest_that_verifies(tmp_path: Path) -> None:
+    """A step committed without the daemon's writer gets its manifest hashed at commit."""
+    path = s.commit(tmp_path, _write_tmp(tmp_path, 4), 4, overwrite=False)
+    manifest = s.read_manifest(path)
+    assert manifest is not None and sorted(manifest) == [".metadata", "__0_0.distcp"]
+    assert s.verify(path, checksums=True) is not None and s.is_managed(tmp_path, 4)
+
+
+KILLED_COMMIT = """
+import os, sys, torch, torch.distributed.checkpoint as dcp
+from pathlib import Path
+from aiodcp import _storage as s
+root, point = Path(sys.argv[1]), sys.argv[2]
+for step in (0, 1):
+    tmp = s.tmp_dir(root, step, "t")
+    dcp.save({"x": torch.full((4,), float(step))}, checkpoint_id=tmp, no_dist=True)
+    if step == 1:
+        os.environ["AIODCP_TEST_KILL_AT"] = point
+    s.commit(root, tmp, step, overwrite=False)
+"""
+
+
+@pytest.mark.parametrize("point", ["before_rename", "after_rename", "after_latest", "after_log"])
+def test_reconcile_after_a_kill_at_each_commit_step(tmp_path: Path, point: str) -> None:
+    """A process SIGKILLed at each sub-step of commit(): reconcile() appends a renamed but
+    unlogged step once, rewrites a stale latest, and is idempotent."""
+    r = subprocess.run(
+        [sys.executable, "-c", KILLED_COMMIT, str(tmp_path), point], timeout=60, check=False
+    )
+    assert r.returncode == -9
+    renamed = point != "before_rename"
+    assert s.list_steps(tmp_path) == ([0, 1] if renamed else [0])
+    assert s.is_committed(tmp_path, 1) == renamed
+    if point == "after_log":
+        (tmp_path / "latest").write_text("17\n")  # made stale by hand
+    assert s.reconcile(tmp_path) == ([1] if point in ("after_rename", "after_latest") else [])
+    assert s.reconcile(tmp_path) == []
+    steps = s.list_steps(tmp_path)
+    assert s.read_commits(tmp_path, 0) == (steps, 2 * len(steps))
+    assert (tmp_path / "latest").read_text().strip() == str(steps[-1])
+    assert len(s.cleanup_leftovers(tmp_path)) == (0 if renamed else 1)
