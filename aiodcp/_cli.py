@@ -206,7 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     p_gc = sub.add_parser("gc", help="remove leftovers of interrupted saves under ROOT")
     p_gc.add_argument("root")
     p_gc.add_argument("--dry-run", action="store_true")
-    sub.add_parser("bench", help="benchmark against DCP (pass --help after it)", add_help=False)
+    sub.add_parser(
+        "bench",
+        help="benchmark against DCP: --shape big16|dense|moe|small100k, or --train"
+        " (pass --help after it)",
+        add_help=False,
+    )
     args, rest = parser.parse_known_args(argv)
     if args.cmd == "bench":
         from ._bench import main as bench
