@@ -19,14 +19,19 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 MiB = 1 << 20
 SHAPES = ("big16", "dense", "moe", "small100k")
 DEFAULT_MIB = {"big16": 256, "dense": 256, "moe": 256, "small100k": 64, "tensors": 256}
-METHODS = ("sync", "thread", "process", "aiodcp")
+METHODS = {
+    "sync": "dcp.save (sync)",
+    "thread": "dcp.async_save THREAD",
+    "process": "dcp.async_save PROCESS",
+    "aiodcp": "aiodcp",
+}
 Sample = tuple[float, float, float]  # stall, end-to-end, max loop lag
 Measure = Callable[[], Awaitable[tuple[float, float]]]
 
@@ -45,15 +50,18 @@ def _adamw(params: dict[str, torch.Tensor]) -> dict[str, Any]:
     return {"model": params, "optim": {"state": state, "param_groups": groups}}
 
 
+def _attention(params: dict[str, torch.Tensor], p: str, d: int) -> str:
+    params[p + "attn_norm.weight"] = torch.ones(d)
+    params.update({p + f"attn.w{w}.weight": torch.randn(d, d) for w in "qkvo"})
+    return p
+
+
 def _dense(mib: int, layers: int = 32) -> tuple[dict[str, Any], str]:
     # per layer: q/k/v/o (d x d), mlp up/down (d x 4d), two norms; x3 with AdamW state
     d = max(8, round(math.sqrt(mib * MiB / (3 * 4 * layers * 12))))
     params: dict[str, torch.Tensor] = {}
     for i in range(layers):
-        p = f"layers.{i}."
-        params[p + "attn_norm.weight"] = torch.ones(d)
-        for w in "qkvo":
-            params[p + f"attn.w{w}.weight"] = torch.randn(d, d)
+        p = _attention(params, f"layers.{i}.", d)
         params[p + "mlp_norm.weight"] = torch.ones(d)
         params[p + "mlp.up.weight"] = torch.randn(4 * d, d)
         params[p + "mlp.down.weight"] = torch.randn(d, 4 * d)
@@ -65,10 +73,7 @@ def _moe(mib: int, layers: int = 24, experts: int = 100) -> tuple[dict[str, Any]
     d = max(8, round(math.sqrt(mib * MiB / (3 * 4 * layers * (3 * experts + 4)))))
     params: dict[str, torch.Tensor] = {}
     for i in range(layers):
-        p = f"layers.{i}."
-        params[p + "attn_norm.weight"] = torch.ones(d)
-        for w in "qkvo":
-            params[p + f"attn.w{w}.weight"] = torch.randn(d, d)
+        p = _attention(params, f"layers.{i}.", d)
         params[p + "moe_norm.weight"] = torch.ones(d)
         params[p + "moe.router.weight"] = torch.randn(experts, d)
         for e in range(experts):
@@ -165,14 +170,10 @@ def _pss(pid: int) -> int:
     return 0
 
 
-def _clear_sync(directory: Path) -> None:
-    for entry in directory.iterdir():
-        if entry.name.startswith("dcp-"):
-            shutil.rmtree(entry, ignore_errors=True)
-
-
 async def _clear(directory: Path) -> None:
-    await asyncio.to_thread(_clear_sync, directory)
+    dirs = await asyncio.to_thread(lambda: list(directory.glob("dcp-*")))
+    for entry in dirs:
+        await asyncio.to_thread(shutil.rmtree, entry, ignore_errors=True)
 
 
 class _Abandon(Exception):
@@ -218,12 +219,6 @@ async def _run(
 
         return run
 
-    names = {
-        "sync": "dcp.save (sync)",
-        "thread": "dcp.async_save THREAD",
-        "process": "dcp.async_save PROCESS",
-        "aiodcp": "aiodcp",
-    }
     first: dict[str, Sample] = {}
     failed: dict[str, str] = {}
     samples: dict[str, list[Sample]] = {m: [] for m in methods}
@@ -264,7 +259,8 @@ async def _run(
     except _Abandon:
         pass
     rows: list[tuple[str, Sample | str]] = [
-        (names[m], f"failed: {failed[m]}" if m in failed else _medians(samples[m])) for m in methods
+        (METHODS[m], f"failed: {failed[m]}" if m in failed else _medians(samples[m]))
+        for m in methods
     ]
     memory = None
     if "aiodcp" in methods and "aiodcp" not in failed:
@@ -350,35 +346,15 @@ def _sharing_strategy(count: int) -> str | None:
     )
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m aiodcp bench", description=__doc__)
-    ap.add_argument("--shape", default=None, help=f"comma-separated: {', '.join(SHAPES)}")
-    ap.add_argument("--tensors", type=int, default=None, help="N equal tensors (any shape)")
-    ap.add_argument("--mib", type=int, default=None, help="state size in MiB")
-    ap.add_argument("--sizes", default=None, help="big16 at these MiB, comma-separated")
-    ap.add_argument("--rounds", "--saves", type=int, default=3, help="interleaved rounds")
-    ap.add_argument("--methods", default=",".join(METHODS), help="subset of " + ",".join(METHODS))
-    ap.add_argument("--mem", action="store_true", help="aiodcp host memory over many saves")
-    ap.add_argument("--rss-saves", type=int, default=20, help="aiodcp saves for --mem")
-    ap.add_argument("--save-timeout", type=float, default=120, help="give a method up after")
-    ap.add_argument("--dir", default=None, help="directory to write in (default: a temp dir)")
-    train = ap.add_argument_group("training throughput (--train)")
-    train.add_argument("--train", action="store_true", help="time a CPU training loop")
-    train.add_argument("--steps", type=int, default=24, help="training steps per run")
-    train.add_argument("--every", default="4", help="save every K steps, comma-separated")
-    train.add_argument("--batch", type=int, default=64, help="training batch size")
-    return ap
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def main(args: argparse.Namespace, error: Callable[[str], NoReturn]) -> int:
+    """``aiodcp bench`` (its arguments are declared in ``_cli``; ``error`` is usage error)."""
     import torch.distributed as dist
 
     methods = [m for m in args.methods.split(",") if m]
     if bad := [m for m in methods if m not in METHODS]:
-        parser().error(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+        error(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
     if args.shape and args.sizes:
-        parser().error("--sizes is big16 at several sizes; use --shape with --mib")
+        error("--sizes is big16 at several sizes; use --shape with --mib")
     if not dist.is_initialized():  # DCP's PROCESS mode needs a process group
         dist.init_process_group(
             "gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1
@@ -397,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shapes = (args.shape or "big16").split(",")
             if bad := [s for s in shapes if s not in SHAPES]:
-                parser().error(f"unknown shape(s) {bad}; choose from {', '.join(SHAPES)}")
+                error(f"unknown shape(s) {bad}; choose from {', '.join(SHAPES)}")
             jobs = [(s, args.mib or DEFAULT_MIB[s]) for s in shapes]
         for shape, mib in jobs:
             directory = base / f"{shape}-{mib}MiB"
