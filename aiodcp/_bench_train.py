@@ -57,7 +57,8 @@ def make_model(mib: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, int]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(*(_Block(d) for _ in range(BLOCKS)), torch.nn.LayerNorm(d))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    _train_step(model, opt, torch.randn(2, d))  # AdamW creates its state on the first step
+    _train_step(model, opt, torch.randn(2, d))
+    opt.step()  # AdamW creates its state on the first step
     return model, opt, d
 
 

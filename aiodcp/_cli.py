@@ -204,7 +204,7 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     train.add_argument("--train", action="store_true", help="time a CPU training loop instead")
     train.add_argument("--steps", type=int, default=24, help="training steps per run")
     train.add_argument("--every", default="4", help="save every K steps, comma-separated")
-    train.add_argument("--batch", type=int, default=64, help="training batch size")
+    train.add_argument("--batch", type=int, default=16, help="training batch size")
 
 
 def main(argv: list[str] | None = None) -> int:
