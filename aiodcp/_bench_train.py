@@ -226,7 +226,8 @@ def main(args: argparse.Namespace, base: Path) -> int:
         print(
             f"\ntrain: MLP {BLOCKS} blocks d={d}, {nbytes / MiB:.0f} MiB state (params + AdamW)"
             f", batch {args.batch} (~{per_step:.2f}s/step), {args.steps} steps, save every "
-            f"{every} ({saves} saves); median of {args.rounds} interleaved rounds"
+            f"{every} ({saves} save{'s' if saves != 1 else ''}); "
+            f"median of {args.rounds} interleaved rounds"
         )
         asyncio.run(run_one("none", model, opt, d, args, every, base / "warm-up"))
         samples: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}
@@ -239,6 +240,7 @@ def main(args: argparse.Namespace, base: Path) -> int:
             m: tuple(statistics.median(c) for c in zip(*s, strict=True)) for m, s in samples.items()
         }
         none = med["none"][0]
+        noise = 0.05 * none  # overheads below 5% of the run are not told apart here
         print(f"  {'method':<32}{'loop s':>8}{'vs none':>9}{'overhead s':>12}{'durable s':>11}")
         over: dict[str, float | None] = {}
         for m, name in METHODS.items():
@@ -253,17 +255,18 @@ def main(args: argparse.Namespace, base: Path) -> int:
             )
         print(
             f"  ratios: aiodcp overhead / DefaultStager overhead "
-            f"{_ratio(over['aiodcp'], over['stager'])}"
-            f", aiodcp overhead / PROCESS overhead {_ratio(over['aiodcp'], over['process'])}"
+            f"{_ratio(over['aiodcp'], over['stager'], noise)}"
+            f", aiodcp overhead / PROCESS overhead {_ratio(over['aiodcp'], over['process'], noise)}"
             f", aiodcp overlap overhead / DefaultStager overhead "
-            f"{_ratio(over['overlap'], over['stager'])}"
+            f"{_ratio(over['overlap'], over['stager'], noise)}"
         )
     return 0
 
 
-def _ratio(a: float | None, b: float | None) -> str:
+def _ratio(a: float | None, b: float | None, noise: float) -> str:
+    """a / b, unless either overhead is within ``noise`` seconds of none (then n/a)."""
     if a is None or b is None:
         return "n/a"
-    if b <= 0:
-        return "n/a (denominator <= 0: within noise)"
-    return f"{a / b:.2f}x"
+    if b < noise or a < -noise:
+        return "n/a (within noise)"
+    return f"{max(a, 0.0) / b:.2f}x"
