@@ -1,14 +1,17 @@
 """Side-by-side benchmark: sync ``dcp.save``, ``dcp.async_save`` (THREAD, PROCESS), aiodcp.
 
-Run ``python -m aiodcp bench [--sizes 256,1024] [--saves 3] [--dir DIR]``. Everything is
-measured in one run on the same state, plus the two floors (copy into a preallocated
-buffer; sequential write + fdatasync in the same directory). Numbers are medians.
+``python -m aiodcp bench --shape big16,dense,moe,small100k [--mib M] [--rounds 3]`` saves
+one state per shape with every method, in interleaved rounds (round 1: A B C D, round 2:
+B C D A, ...) so that the machine's noise hits every method alike, and prints medians,
+the two floors (copy into a preallocated buffer; sequential write + fdatasync in the same
+directory) and ratios. ``--train`` measures training throughput instead (``_bench_train``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import shutil
 import statistics
@@ -16,41 +19,117 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 MiB = 1 << 20
+SHAPES = ("big16", "dense", "moe", "small100k")
+DEFAULT_MIB = {"big16": 256, "dense": 256, "moe": 256, "small100k": 64, "tensors": 256}
+METHODS = {
+    "sync": "dcp.save (sync)",
+    "thread": "dcp.async_save THREAD",
+    "process": "dcp.async_save PROCESS",
+    "aiodcp": "aiodcp",
+}
+Sample = tuple[float, float, float]  # stall, end-to-end, max loop lag
+Measure = Callable[[], Awaitable[tuple[float, float]]]
 
 
-def _state(size_mib: int) -> dict[str, torch.Tensor]:
-    n = size_mib * MiB // 4 // 16
-    return {f"layer{i}": torch.randn(n) for i in range(16)}
+def _adamw(params: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """An AdamW state the way ``optimizer.state_dict()`` keyed by FQN looks."""
+    state = {
+        k: {
+            "step": torch.tensor(10.0),
+            "exp_avg": torch.randn_like(v),
+            "exp_avg_sq": torch.rand_like(v),
+        }
+        for k, v in params.items()
+    }
+    groups = [{"lr": 1e-4, "betas": (0.9, 0.95), "weight_decay": 0.1, "params": list(params)}]
+    return {"model": params, "optim": {"state": state, "param_groups": groups}}
 
 
-def _floors(state: dict[str, torch.Tensor], directory: Path) -> tuple[float, float]:
-    dst = {k: torch.empty_like(v) for k, v in state.items()}
-    for k in state:
-        dst[k].copy_(state[k])  # fault the pages in first
+def _attention(params: dict[str, torch.Tensor], p: str, d: int) -> str:
+    params[p + "attn_norm.weight"] = torch.ones(d)
+    params.update({p + f"attn.w{w}.weight": torch.randn(d, d) for w in "qkvo"})
+    return p
+
+
+def _dense(mib: int, layers: int = 32) -> tuple[dict[str, Any], str]:
+    # per layer: q/k/v/o (d x d), mlp up/down (d x 4d), two norms; x3 with AdamW state
+    d = max(8, round(math.sqrt(mib * MiB / (3 * 4 * layers * 12))))
+    params: dict[str, torch.Tensor] = {}
+    for i in range(layers):
+        p = _attention(params, f"layers.{i}.", d)
+        params[p + "mlp_norm.weight"] = torch.ones(d)
+        params[p + "mlp.up.weight"] = torch.randn(4 * d, d)
+        params[p + "mlp.down.weight"] = torch.randn(d, 4 * d)
+    return _adamw(params), f"{layers} layers, d={d}, AdamW state"
+
+
+def _moe(mib: int, layers: int = 24, experts: int = 100) -> tuple[dict[str, Any], str]:
+    # per layer: attention (4 d x d), router, `experts` x (w1, w2, w3) of d x d; x3 with AdamW
+    d = max(8, round(math.sqrt(mib * MiB / (3 * 4 * layers * (3 * experts + 4)))))
+    params: dict[str, torch.Tensor] = {}
+    for i in range(layers):
+        p = _attention(params, f"layers.{i}.", d)
+        params[p + "moe_norm.weight"] = torch.ones(d)
+        params[p + "moe.router.weight"] = torch.randn(experts, d)
+        for e in range(experts):
+            for w in ("w1", "w2", "w3"):
+                params[p + f"moe.experts.{e}.{w}.weight"] = torch.randn(d, d)
+    return _adamw(params), f"{layers} layers x {experts} experts, d={d}, AdamW state"
+
+
+def make_state(shape: str, mib: int, tensors: int | None = None) -> tuple[dict[str, Any], str]:
+    """The state to save for ``shape`` (or ``tensors`` equal tensors) and its description."""
+    if tensors is not None or shape in ("big16", "small100k"):
+        n = tensors if tensors is not None else (16 if shape == "big16" else 100_000)
+        numel = max(1, mib * MiB // 4 // n)
+        state = {f"t{i}": torch.randn(numel) for i in range(n)}
+        return state, f"{n} float32 tensors of {numel * 4} bytes"
+    if shape == "dense":
+        return _dense(mib)
+    if shape == "moe":
+        return _moe(mib)
+    raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+
+
+def tensors_of(state: Any) -> list[torch.Tensor]:
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for v in state.values() for t in tensors_of(v)]
+    return []
+
+
+def _floors(state: Any, directory: Path) -> tuple[float, float]:
+    """Seconds to copy the state into preallocated memory; bytes/s of write + fdatasync."""
+    src = tensors_of(state)
+    dst = [torch.empty_like(t) for t in src]
+    for d, s in zip(dst, src, strict=True):
+        d.copy_(s)  # fault the pages in first
     t = time.perf_counter()
-    for k in state:
-        dst[k].copy_(state[k])
+    for d, s in zip(dst, src, strict=True):
+        d.copy_(s)
     copy = time.perf_counter() - t
-    nbytes = sum(v.nbytes for v in state.values())
+    del dst
+    nbytes = sum(t.nbytes for t in src)
     block = bytes(MiB)
     path = directory / "floor.bin"
     t = time.perf_counter()
     with open(path, "wb") as f:
-        for _ in range(nbytes // MiB):
+        for _ in range(max(1, nbytes // MiB)):
             f.write(block)
         f.flush()
         os.fdatasync(f.fileno())
     write = time.perf_counter() - t
     path.unlink()
-    return copy, nbytes / write
+    return copy, max(nbytes, MiB) / write
 
 
-async def _lagged(fn: Callable[[], Awaitable[tuple[float, float]]]) -> tuple[float, float, float]:
+async def _lagged(fn: Measure) -> Sample:
     """Run ``fn`` (-> stall, end-to-end) while a ticker measures the loop's worst lag."""
     lag = 0.0
     done = asyncio.Event()
@@ -72,80 +151,12 @@ async def _lagged(fn: Callable[[], Awaitable[tuple[float, float]]]) -> tuple[flo
     return stall, e2e, lag
 
 
-async def _run(
-    size: int, saves: int, rss_saves: int, directory: Path
-) -> list[tuple[str, float, float, float]]:
-    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, async_save
-    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
-
-    import aiodcp
-
-    state = _state(size)
-    rows: list[tuple[str, float, float, float]] = []
-    counter = iter(range(1_000_000))
-
-    def ckpt_dir() -> Path:
-        return directory / f"dcp-{next(counter)}"
-
-    async def sync_save() -> tuple[float, float]:
-        t = time.perf_counter()
-        dcp_save(state, checkpoint_id=ckpt_dir())
-        d = time.perf_counter() - t
-        return d, d
-
-    def async_kind(kind: AsyncCheckpointerType) -> Callable[[], Awaitable[tuple[float, float]]]:
-        async def run() -> tuple[float, float]:
-            t = time.perf_counter()
-            fut: Any = async_save(state, checkpoint_id=ckpt_dir(), async_checkpointer_type=kind)
-            stall = time.perf_counter() - t
-            await asyncio.wrap_future(fut)
-            return stall, time.perf_counter() - t
-
-        return run
-
-    methods: list[tuple[str, Callable[[], Awaitable[tuple[float, float]]]]] = [
-        ("dcp.save (sync)", sync_save),
-        ("dcp.async_save THREAD", async_kind(AsyncCheckpointerType.THREAD)),
-        ("dcp.async_save PROCESS", async_kind(AsyncCheckpointerType.PROCESS)),
-    ]
-    for name, fn in methods:
-        await fn()  # warm-up (PROCESS: spawns its daemon)
-        samples = [await _lagged(fn) for _ in range(saves)]
-        rows.append((name, *_medians(samples)))
-        await asyncio.to_thread(shutil.rmtree, directory, ignore_errors=True)
-        await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
-
-    nbytes = sum(v.nbytes for v in state.values())
-    for prepared in (False, True):
-        async with aiodcp.AsyncCheckpointer(directory / "aiodcp", keep_last=2) as ckpt:
-
-            async def ours() -> tuple[float, float]:
-                t = time.perf_counter()
-                handle = await ckpt.save(state)
-                stall = time.perf_counter() - t
-                await handle
-                return stall, time.perf_counter() - t
-
-            assert ckpt.worker_pid is not None
-            before = _pss(os.getpid()) + _pss(ckpt.worker_pid)
-            if prepared:
-                await ckpt.prepare(state)
-                rows.append(("aiodcp first, prepare()d", *await _lagged(ours)))
-                continue
-            rows.append(("aiodcp first save", *await _lagged(ours)))
-            after_one = _pss(os.getpid()) + _pss(ckpt.worker_pid)
-            samples = [await _lagged(ours) for _ in range(max(saves, rss_saves))]
-            after_n = _pss(os.getpid()) + _pss(ckpt.worker_pid)
-            rows.append(("aiodcp", *_medians(samples)))
-            print(
-                f"  aiodcp host memory (PSS, trainer + daemon) above the state: "
-                f"{(after_one - before) / nbytes:.2f}x state after 1 save, "
-                f"{(after_n - before) / nbytes:.2f}x after {1 + len(samples)} saves"
-            )
-    return rows
+def interleaved(names: list[str], rounds: int) -> list[list[str]]:
+    """Round r runs the methods rotated by r: A B C, B C A, C A B, ..."""
+    return [names[r % len(names) :] + names[: r % len(names)] for r in range(rounds)]
 
 
-def _medians(samples: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+def _medians(samples: list[Sample]) -> Sample:
     stall, e2e, lag = (statistics.median(x) for x in zip(*samples, strict=True))
     return stall, e2e, lag
 
@@ -159,50 +170,244 @@ def _pss(pid: int) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m aiodcp bench", description=__doc__)
-    parser.add_argument("--sizes", default="256", help="MiB, comma-separated (e.g. 256,1024)")
-    parser.add_argument("--saves", type=int, default=3, help="measured saves per method")
-    parser.add_argument("--rss-saves", type=int, default=20, help="aiodcp saves for memory")
-    parser.add_argument("--dir", default=None, help="directory to write in (default: a temp dir)")
-    args = parser.parse_args(argv)
+async def _clear(directory: Path) -> None:
+    dirs = await asyncio.to_thread(lambda: list(directory.glob("dcp-*")))
+    for entry in dirs:
+        await asyncio.to_thread(shutil.rmtree, entry, ignore_errors=True)
+
+
+class _Abandon(Exception):
+    pass
+
+
+async def _run(
+    state: Any, methods: list[str], rounds: int, mem_saves: int, directory: Path, timeout: float
+) -> tuple[list[tuple[str, Sample | str]], str | None]:
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, async_save
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+    import aiodcp
+
+    counter = iter(range(1_000_000))
+
+    def ckpt_dir() -> Path:
+        return directory / f"dcp-{next(counter)}"
+
+    async def sync_save() -> tuple[float, float]:
+        t = time.perf_counter()
+        dcp_save(state, checkpoint_id=ckpt_dir())
+        d = time.perf_counter() - t
+        return d, d
+
+    def async_kind(kind: AsyncCheckpointerType) -> Measure:
+        async def run() -> tuple[float, float]:
+            t = time.perf_counter()
+            fut: Any = async_save(state, checkpoint_id=ckpt_dir(), async_checkpointer_type=kind)
+            stall = time.perf_counter() - t
+            await asyncio.wrap_future(fut)
+            return stall, time.perf_counter() - t
+
+        return run
+
+    def ours_in(ckpt: aiodcp.AsyncCheckpointer) -> Measure:
+        async def run() -> tuple[float, float]:
+            t = time.perf_counter()
+            handle = await ckpt.save(state)
+            stall = time.perf_counter() - t
+            await handle
+            return stall, time.perf_counter() - t
+
+        return run
+
+    first: dict[str, Sample] = {}
+    failed: dict[str, str] = {}
+    samples: dict[str, list[Sample]] = {m: [] for m in methods}
+    fns: dict[str, Measure] = {
+        "sync": sync_save,
+        "thread": async_kind(AsyncCheckpointerType.THREAD),
+        "process": async_kind(AsyncCheckpointerType.PROCESS),
+    }
+
+    async def attempt(m: str) -> Sample | None:
+        """One measured save; a method that fails once is reported and dropped."""
+        if m in failed:
+            return None
+        try:
+            async with asyncio.timeout(timeout):
+                return await _lagged(fns[m])
+        except TimeoutError:
+            failed[m] = f"no result within {timeout:.0f}s (hung?)"
+        except Exception as exc:  # e.g. PROCESS: one fd per tensor, EMFILE
+            msg = " ".join(str(exc).split())
+            msg = msg if len(msg) < 100 else f"{msg[:30]} ... {msg[-60:]}"
+            failed[m] = f"{type(exc).__name__}: {msg}"
+        return None
+
+    try:
+        async with aiodcp.AsyncCheckpointer(directory / "aiodcp", keep_last=2) as ckpt:
+            fns["aiodcp"] = ours_in(ckpt)
+            for m in methods:  # warm-up: PROCESS spawns its daemon, aiodcp maps its arena
+                if m in ("process", "aiodcp") and (sample := await attempt(m)) is not None:
+                    first[m] = sample
+            for order in interleaved(methods, rounds):
+                for m in order:
+                    if (sample := await attempt(m)) is not None:
+                        samples[m].append(sample)
+                await _clear(directory)
+            if "aiodcp" in failed:
+                raise _Abandon  # leaving by an exception cancels a stuck save, not awaits it
+    except _Abandon:
+        pass
+    rows: list[tuple[str, Sample | str]] = [
+        (METHODS[m], f"failed: {failed[m]}" if m in failed else _medians(samples[m]))
+        for m in methods
+    ]
+    memory = None
+    if "aiodcp" in methods and "aiodcp" not in failed:
+        rows.append(("aiodcp first save", first["aiodcp"]))
+        async with aiodcp.AsyncCheckpointer(directory / "aiodcp-prepared", keep_last=1) as ckpt:
+            await ckpt.prepare(state)
+            rows.append(("aiodcp first, prepare()d", await _lagged(ours_in(ckpt))))
+        if mem_saves:
+            memory = await _memory(state, mem_saves, directory / "aiodcp-mem")
+    return rows, memory
+
+
+async def _memory(state: Any, saves: int, root: Path) -> str:
+    """PSS of trainer + daemon above the state after the first and after ``saves`` saves."""
+    import aiodcp
+
+    nbytes = sum(t.nbytes for t in tensors_of(state))
+    async with aiodcp.AsyncCheckpointer(root, keep_last=2) as ckpt:
+        assert ckpt.worker_pid is not None
+        pids = (os.getpid(), ckpt.worker_pid)
+        before = sum(map(_pss, pids))
+        await (await ckpt.save(state))
+        after_one = sum(map(_pss, pids)) - before
+        for _ in range(saves - 1):
+            await (await ckpt.save(state))
+        after_n = sum(map(_pss, pids)) - before
+    return (
+        f"  aiodcp host memory (PSS, trainer + daemon) above the state: "
+        f"{after_one / nbytes:.2f}x state ({after_one / MiB:.0f} MiB) after 1 save, "
+        f"{after_n / nbytes:.2f}x ({after_n / MiB:.0f} MiB) after {saves} saves"
+    )
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a is not None and b and b > 0 else "n/a"
+
+
+def _report(
+    title: str, nbytes: int, floors: tuple[float, float], rows: list[tuple[str, Sample | str]]
+) -> None:
+    copy, write_bps = floors
+    print(f"\n{title}")
+    print(
+        f"  floors: copy into preallocated {copy:.3f}s, write+fdatasync {write_bps / MiB:.0f} MiB/s"
+    )
+    print(
+        f"  {'method':<26}{'stall s':>9}{'end-to-end s':>14}{'max loop lag ms':>17}"
+        f"{'persist MiB/s':>15}"
+    )
+    for name, row in rows:
+        if isinstance(row, str):
+            print(f"  {name:<26}{row}")
+            continue
+        stall, e2e, lag = row
+        persist = f"{nbytes / (e2e - stall) / MiB:.0f}" if e2e - stall > 1e-3 else "-"
+        print(f"  {name:<26}{stall:>9.3f}{e2e:>14.3f}{lag * 1e3:>17.1f}{persist:>15}")
+    by = {name: row for name, row in rows if not isinstance(row, str)}
+    ours, proc, sync = by.get("aiodcp"), by.get("dcp.async_save PROCESS"), by.get("dcp.save (sync)")
+    ours_bps = nbytes / (ours[1] - ours[0]) if ours and ours[1] - ours[0] > 1e-3 else None
+    print(
+        f"  ratios: aiodcp stall / PROCESS stall {_ratio(ours and ours[0], proc and proc[0])}, "
+        f"aiodcp stall / copy floor {_ratio(ours and ours[0], copy)}, "
+        f"aiodcp persist / fdatasync floor {_ratio(ours_bps, write_bps)}, "
+        f"aiodcp end-to-end / sync {_ratio(ours and ours[1], sync and sync[1])}"
+    )
+
+
+def _sharing_strategy(count: int) -> str | None:
+    """DCP PROCESS passes one fd per tensor; past the fd limit use torch's file_system."""
+    import resource
+
+    import torch.multiprocessing as mp
+
+    set_strategy: Any = mp.set_sharing_strategy  # untyped in torch
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if count < soft // 2:
+        set_strategy("file_descriptor")
+        return None
+    set_strategy("file_system")
+    return (
+        f"  note: {count} tensors vs RLIMIT_NOFILE {soft}: DCP PROCESS ran with "
+        f"torch.multiprocessing sharing strategy 'file_system' (one fd per tensor fails)"
+    )
+
+
+def main(args: argparse.Namespace, error: Callable[[str], NoReturn]) -> int:
+    """``aiodcp bench`` (its arguments are declared in ``_cli``; ``error`` is usage error)."""
     import torch.distributed as dist
 
+    methods = [m for m in args.methods.split(",") if m]
+    if bad := [m for m in methods if m not in METHODS]:
+        error(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+    if args.shape and args.sizes:
+        error("--sizes is big16 at several sizes; use --shape with --mib")
     if not dist.is_initialized():  # DCP's PROCESS mode needs a process group
         dist.init_process_group(
             "gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1
         )
     base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="aiodcp-bench-"))
     print(f"aiodcp benchmark, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, dir {base}")
-    for size in (int(s) for s in args.sizes.split(",")):
-        directory = base / f"{size}MiB"
-        directory.mkdir(parents=True, exist_ok=True)
-        state = _state(size)
-        copy, write_bps = _floors(state, directory)
-        del state
-        rows = asyncio.run(_run(size, args.saves, args.rss_saves, directory))
-        nbytes = size * MiB
-        proc = next(r for r in rows if r[0] == "dcp.async_save PROCESS")
-        ours = next(r for r in rows if r[0] == "aiodcp")
-        print(f"\n{size} MiB in 16 float32 tensors (median of {args.saves})")
-        print(
-            f"  floors: copy into preallocated {copy:.3f}s, write+fdatasync "
-            f"{write_bps / MiB:.0f} MiB/s"
-        )
-        print(
-            f"  {'method':<26}{'stall s':>9}{'end-to-end s':>14}{'max loop lag ms':>17}"
-            f"{'persist MiB/s':>15}"
-        )
-        for name, stall, e2e, lag in rows:
-            persist = f"{nbytes / (e2e - stall) / MiB:.0f}" if e2e - stall > 1e-3 else "-"
-            print(f"  {name:<26}{stall:>9.3f}{e2e:>14.3f}{lag * 1e3:>17.1f}{persist:>15}")
-        print(
-            f"  ratios: stall vs PROCESS {ours[1] / proc[1]:.2f}x, "
-            f"stall vs copy floor {ours[1] / copy:.2f}x, "
-            f"persist vs fdatasync floor "
-            f"{(nbytes / (ours[2] - ours[1])) / write_bps:.2f}x, "
-            f"end-to-end vs sync {ours[2] / rows[0][2]:.2f}x"
-        )
-        shutil.rmtree(directory, ignore_errors=True)
-    dist.destroy_process_group()
+    try:
+        if args.train:
+            from ._bench_train import main as train
+
+            return train(args, base)
+        if args.tensors is not None:
+            jobs = [("tensors", args.mib or DEFAULT_MIB["tensors"])]
+        elif args.sizes:
+            jobs = [("big16", int(s)) for s in args.sizes.split(",")]
+        else:
+            shapes = (args.shape or "big16").split(",")
+            if bad := [s for s in shapes if s not in SHAPES]:
+                error(f"unknown shape(s) {bad}; choose from {', '.join(SHAPES)}")
+            jobs = [(s, args.mib or DEFAULT_MIB[s]) for s in shapes]
+        for shape, mib in jobs:
+            directory = base / f"{shape}-{mib}MiB"
+            directory.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            state, what = make_state(shape, mib, args.tensors)
+            nbytes = sum(t.nbytes for t in tensors_of(state))
+            floors = _floors(state, directory)
+            count = len(tensors_of(state))
+            note = _sharing_strategy(count) if "process" in methods else None
+            rows, memory = asyncio.run(
+                _run(
+                    state,
+                    methods,
+                    args.rounds,
+                    args.rss_saves if args.mem else 0,
+                    directory,
+                    args.save_timeout,
+                )
+            )
+            title = (
+                f"{shape}: {nbytes / MiB:.0f} MiB in {count} tensors ({what}); "
+                f"median of {args.rounds} interleaved rounds"
+            )
+            _report(title, nbytes, floors, rows)
+            if note:
+                print(note)
+            if memory:
+                print(memory)
+            print(f"  ({time.perf_counter() - t0:.0f}s for this shape)")
+            del state
+            shutil.rmtree(directory, ignore_errors=True)
+    finally:
+        dist.destroy_process_group()
+        if not args.dir:
+            shutil.rmtree(base, ignore_errors=True)
     return 0

@@ -223,6 +223,24 @@ def _gc(args: argparse.Namespace) -> int:
         lock.release()
 
 
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shape", default=None, help="comma-separated: big16, dense, moe, small100k")
+    p.add_argument("--tensors", type=int, default=None, help="N equal tensors (instead of --shape)")
+    p.add_argument("--mib", type=int, default=None, help="state size in MiB (default per shape)")
+    p.add_argument("--sizes", default=None, help="big16 at these MiB, comma-separated")
+    p.add_argument("--rounds", "--saves", type=int, default=3, help="interleaved rounds")
+    p.add_argument("--methods", default="sync,thread,process,aiodcp", help="a subset of these")
+    p.add_argument("--mem", action="store_true", help="aiodcp host memory (PSS) over many saves")
+    p.add_argument("--rss-saves", type=int, default=20, help="aiodcp saves for --mem")
+    p.add_argument("--save-timeout", type=float, default=120, help="seconds before a method fails")
+    p.add_argument("--dir", default=None, help="directory to write in (default: a temp dir)")
+    train = p.add_argument_group("training throughput (--train)")
+    train.add_argument("--train", action="store_true", help="time a CPU training loop instead")
+    train.add_argument("--steps", type=int, default=24, help="training steps per run")
+    train.add_argument("--every", default="4", help="save every K steps, comma-separated")
+    train.add_argument("--batch", type=int, default=16, help="training batch size")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="aiodcp", description="aiodcp checkpoint tools")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -246,13 +264,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_gc.add_argument("root")
     p_gc.add_argument("--dry-run", action="store_true")
-    sub.add_parser("bench", help="benchmark against DCP (pass --help after it)", add_help=False)
+    p_bench = sub.add_parser(
+        "bench",
+        help="benchmark against DCP: --shape big16|dense|moe|small100k, or --train",
+        description="Side-by-side benchmark of sync dcp.save, dcp.async_save (THREAD, "
+        "PROCESS) and aiodcp, in interleaved rounds; --train times a CPU training loop.",
+    )
+    _bench_arguments(p_bench)
     args, rest = parser.parse_known_args(argv)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.cmd == "bench":
         from ._bench import main as bench
 
-        return bench(rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return bench(args, p_bench.error)
     commands = {"ls": _ls, "inspect": _inspect, "verify": _verify, "gc": _gc, "demo": _demo}
     return commands[args.cmd](args)
