@@ -463,19 +463,33 @@ class AsyncCheckpointer:
             )
             try:
                 handle._staged_event.set()
-                # The copy cannot be interrupted; a cancellation that arrived
-                # meanwhile aborts the save here, before anything is sent.
-                await anyio.lowlevel.checkpoint_if_cancelled()
-                if handle._cancel_requested:
+                # The copy cannot be interrupted; a cancellation that arrived meanwhile
+                # aborts the save here. Alone, nothing is sent. With several ranks the
+                # save is sent and cancelled at once, so every rank's daemon still takes
+                # part in (and agrees to cancel) this step: the ranks stay in lockstep.
+                lockstep = self._group is not None and self._group.distributed
+                try:
+                    await anyio.lowlevel.checkpoint_if_cancelled()
+                except BaseException:
+                    if lockstep:
+                        handle._cancel_requested = handle._observed = True
+                        self._send_save(handle, gen, slot, fd, nbytes, overwrite)
+                        self._send_cancel(handle)
+                    raise
+                if handle._cancel_requested and not lockstep:
                     raise CheckpointCancelledError(
                         f"save of step {handle.step} was cancelled while staging; "
                         "nothing was published",
                         step=handle.step,
                     )
                 self._send_save(handle, gen, slot, fd, nbytes, overwrite)
+                if handle._cancel_requested:
+                    self._send_cancel(handle)
             finally:
                 os.close(fd)
         except BaseException as exc:
+            if handle._gen is not None:  # sent: its generation finishes it
+                raise
             error = (
                 exc
                 if isinstance(exc, Exception)
@@ -617,6 +631,21 @@ class AsyncCheckpointer:
                     remote_type=msg.error_type,
                     remote_traceback=msg.traceback,
                 )
+            if msg.cancelled or handle._overwrite:
+                self._finish(handle, None, error)
+                self._unobserved.append(handle)
+            else:
+                # With several ranks a failure may come after rank 0 renamed the step
+                # (e.g. rank 0's daemon died right after): the disk decides.
+                gen.pending.pop(handle._req_id, None)
+                self._spawn(self._settle_from_disk, handle, error, name="settle from disk")
+
+    async def _settle_from_disk(self, handle: SaveHandle, error: CheckpointError) -> None:
+        committed = await anyio.to_thread.run_sync(_storage.is_committed, self.root, handle.step)
+        if committed:
+            log.warning("step %d was committed although its save reported: %s", handle.step, error)
+            self._committed(handle, handle._nbytes, 0.0, recovered=True)
+        else:
             self._finish(handle, None, error)
             self._unobserved.append(handle)
 
