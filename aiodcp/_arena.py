@@ -132,10 +132,11 @@ class Arena:
             elif t.numel():
                 cpu_src.append(t)
                 cpu_dst.append(views[i])
-        for lo in range(0, len(cpu_src), _COPY_CHUNK):
-            torch._foreach_copy_(cpu_dst[lo : lo + _COPY_CHUNK], cpu_src[lo : lo + _COPY_CHUNK])
-        if cuda:
-            self._stage_cuda(flat, cuda, stream)
+        with torch.no_grad():
+            for lo in range(0, len(cpu_src), _COPY_CHUNK):
+                torch._foreach_copy_(cpu_dst[lo : lo + _COPY_CHUNK], cpu_src[lo : lo + _COPY_CHUNK])
+            if cuda:
+                self._stage_cuda(flat, cuda, stream)
 
     def _stage_cuda(self, flat: Flat, indices: list[int], stream: Any) -> None:
         self.pin()

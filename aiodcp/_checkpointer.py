@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
@@ -439,7 +440,13 @@ class AsyncCheckpointer:
             raise
         stream = _cuda_stream()
         if overlap:
-            self._spawn(self._stage, handle, gen, state_dict, overwrite, stream, name="stage")
+            # Start the copy now, in a thread of its own: a guard may block this (the
+            # loop's) thread before the loop runs again, and must not wait for a copy
+            # that only the loop could start.
+            copying = _Copy(self._stage_blocking, state_dict, handle, overwrite, stream)
+            self._spawn(
+                self._stage, handle, gen, state_dict, overwrite, stream, copying, name="stage"
+            )
             return handle
         await self._stage(handle, gen, state_dict, overwrite, stream, raise_errors=True)
         return handle
@@ -451,6 +458,7 @@ class AsyncCheckpointer:
         state_dict: Mapping[str, Any],
         overwrite: bool,
         stream: Any,
+        copying: _Copy | None = None,
         *,
         raise_errors: bool = False,
     ) -> None:
@@ -458,9 +466,12 @@ class AsyncCheckpointer:
         the slot and the step) is finished here on any failure, before or after."""
         slot = handle._slot
         try:
-            fd, nbytes = await anyio.to_thread.run_sync(
-                self._stage_blocking, state_dict, handle, overwrite, stream
-            )
+            if copying is None:
+                fd, nbytes = await anyio.to_thread.run_sync(
+                    self._stage_blocking, state_dict, handle, overwrite, stream
+                )
+            else:
+                fd, nbytes = await copying.result()
             try:
                 handle._staged_event.set()
                 # The copy cannot be interrupted; a cancellation that arrived meanwhile
@@ -863,3 +874,31 @@ def _cuda_stream() -> Any:
     if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         return torch.cuda.current_stream()
     return None
+
+
+class _Copy:
+    """The blocking copy of an overlapped save, running from construction on in a
+    thread of its own (not one the event loop has yet to hand out)."""
+
+    def __init__(self, fn: Callable[..., tuple[int, int]], *args: Any) -> None:
+        self._value: tuple[int, int] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(fn, args), name="aiodcp-stage", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, fn: Callable[..., tuple[int, int]], args: tuple[Any, ...]) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as exc:
+            self._error = exc
+
+    async def result(self) -> tuple[int, int]:
+        """Wait for the copy; a cancellation waits for it too (it writes into the slot)."""
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._thread.join)
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value

@@ -37,8 +37,10 @@ class Slot:
             return self.arena
         if self.arena is not None:
             self.retired.append(self.arena)
-        self.arena = Arena(flat.layout)
-        return self.arena
+        arena = Arena(flat.layout)
+        arena.views  # noqa: B018  (built now, off the save's critical path)
+        self.arena = arena
+        return arena
 
     def announce(self, gen: Any) -> None:
         """Tell ``gen``'s daemon to unmap retired arenas and to map the current one."""

@@ -23,17 +23,6 @@ import torch
 import aiodcp
 from aiodcp import CheckpointCancelledError
 
-# The copy of a guarded save only starts once the event loop runs again, so a guard
-# that waits on the loop's own thread (a synchronous training step right after
-# ``save(overlap=True)``) waits for something that can never happen. The fix belongs
-# in ``AsyncCheckpointer.save`` (start the copy's thread before returning).
-DEADLOCK = pytest.mark.xfail(
-    raises=TimeoutError,
-    strict=True,
-    reason="bug: a guard on the loop thread deadlocks; save(overlap=True) starts its "
-    "copy only when the loop runs again",
-)
-
 
 # ---------------------------------------------------------------- helpers
 @contextmanager
@@ -173,7 +162,7 @@ async def test_overlapped_save_returns_before_the_copy_and_commits_the_values_at
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("where", [pytest.param("loop", marks=DEADLOCK), "thread"])
+@pytest.mark.parametrize("where", ["loop", "thread"])
 async def test_guarded_optimizer_step_right_after_save_never_leaks(root: Path, where: str) -> None:
     """With guard(opt), opt.step() straight after save(overlap=True) waits for the copy:
     each step's checkpoint equals the pre-step parameters and AdamW state."""
@@ -275,7 +264,7 @@ async def test_cancelling_an_overlapped_save_at_once_publishes_nothing(root: Pat
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("where", [pytest.param("loop", marks=DEADLOCK), "thread"])
+@pytest.mark.parametrize("where", ["loop", "thread"])
 async def test_guarded_module_load_state_dict_waits_for_staging(root: Path, where: str) -> None:
     """guard(module): load_state_dict straight after save(overlap=True) waits for the
     copy, so the checkpoint holds the old weights and the module the new ones."""
