@@ -15,7 +15,6 @@ import torch
 import aiodcp
 
 from .test_overlap import (
-    DEADLOCK,
     assert_tree_equal,
     backward,
     clone_tree,
@@ -116,7 +115,7 @@ async def test_the_arena_is_pinned_for_cuda_and_unpinned_at_close(root: Path) ->
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("where", [pytest.param("loop", marks=DEADLOCK), "thread"])
+@pytest.mark.parametrize("where", ["loop", "thread"])
 async def test_guarded_cuda_optimizer_step_right_after_save_never_leaks(
     root: Path, where: str
 ) -> None:
