@@ -45,7 +45,7 @@ def read_fd(fd: int, nbytes: int, offset: int = 0) -> bytes:
 
 
 # ---------------------------------------------------------------------- arena
-_COPY_CHUNK = 4096  # tensors per foreach call: the GIL is free between calls
+_COPY_CHUNK = 512  # tensors per foreach call: the GIL is free between calls
 
 
 class Arena:

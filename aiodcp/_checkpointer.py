@@ -42,7 +42,7 @@ from ._guard import Guard
 from ._handle import SaveEvent, SaveHandle, SaveResult
 from ._load import load_checkpoint
 from ._slots import Slot, SlotPool
-from ._staging import dumps_skeleton, flatten
+from ._staging import dumps_skeleton, flatten, gc_paused
 from ._supervisor import Supervisor
 from ._watch import notify_commit, watch
 
@@ -523,14 +523,15 @@ class AsyncCheckpointer:
         step = handle.step
         if not overwrite and _storage.step_dir(self.root, step).exists():
             raise CheckpointExistsError(f"step {step} already exists in {self.root}")
-        flat = flatten(state_dict)
-        slot = handle._slot
-        arena = slot.fit(flat)
-        arena.stage(flat, stream=stream)
-        handle._nbytes = arena.used_bytes
-        handle._stage_seconds = time.perf_counter() - handle._t0
-        handle._staged_flag.set()  # the sources may change now (guards wake up here)
-        blob = dumps_skeleton(flat.skeleton)
+        with gc_paused():  # else a full collection can hold the GIL for 100s of ms
+            flat = flatten(state_dict)
+            slot = handle._slot
+            arena = slot.fit(flat)
+            arena.stage(flat, stream=stream)
+            handle._nbytes = arena.used_bytes
+            handle._stage_seconds = time.perf_counter() - handle._t0
+            handle._staged_flag.set()  # the sources may change now (guards wake up here)
+            blob = dumps_skeleton(flat.skeleton)
         return memfd_with(blob, f"aiodcp-skeleton-{step}"), len(blob)
 
     def _send_save(

@@ -1,4 +1,4 @@
-"""Shared fixtures: every async test runs on asyncio and on uvloop, with blockbuster on."""
+"""Shared fixtures: async tests run on asyncio (the core ones on uvloop too), blockbuster on."""
 
 from __future__ import annotations
 
@@ -16,8 +16,15 @@ from blockbuster import blockbuster_ctx
 REPO = Path(__file__).resolve().parent.parent
 
 
+# The core contract runs on both loops; the rest (long fault and scale tests) on asyncio,
+# to keep the suite's time in check. Trio has its own smoke test (test_api.py).
+BOTH_LOOPS = {"test_checkpointer", "test_faults", "test_watch", "test_overlap"}
+
+
 def pytest_asyncio_loop_factories(config, item):  # type: ignore[no-untyped-def]
-    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    if item.module.__name__.rsplit(".", 1)[-1] in BOTH_LOOPS:
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
 
 
 @pytest.fixture(autouse=True)
