@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -28,23 +25,20 @@ import sniffio
 
 from . import _protocol as p
 from . import _storage
-from ._arena import memfd_with
 from ._dist import Group, Rendezvous, resolve_group
 from ._errors import (
     CheckpointCancelledError,
     CheckpointError,
-    CheckpointExistsError,
-    SaveFailedError,
-    WorkerDiedError,
 )
-from ._generation import Generation, describe_exit
 from ._guard import Guard
 from ._handle import SaveEvent, SaveHandle, SaveResult
 from ._load import load_checkpoint
-from ._slots import Slot, SlotPool
-from ._staging import dumps_skeleton, flatten, gc_paused
+from ._outcomes import Outcomes, latest_on_disk
+from ._preempt import Preemption
+from ._saving import Saving
+from ._slots import SlotPool
 from ._supervisor import Supervisor
-from ._watch import notify_commit, watch
+from ._watch import watch
 
 __all__ = ["AsyncCheckpointer", "SaveEvent", "SaveHandle", "SaveResult"]
 
@@ -55,7 +49,7 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "0") == "1"
 
 
-class AsyncCheckpointer:
+class AsyncCheckpointer(Saving, Outcomes, Preemption):
     """Checkpoint PyTorch state from async code, in a background daemon.
 
     ``async with AsyncCheckpointer(root) as ckpt`` starts the daemon (so the
@@ -289,7 +283,7 @@ class AsyncCheckpointer:
             appended = _storage.reconcile(self.root)  # the directories are the truth
             if appended:
                 log.warning("steps %s were committed but not logged; logged them now", appended)
-        self._high_step = max(self._high_step, _latest_on_disk(self.root, self.rank))
+        self._high_step = max(self._high_step, latest_on_disk(self.root, self.rank))
 
     def _daemon_config(self, rdv: Rendezvous | None) -> p.DaemonConfig:
         group = self._group
@@ -391,356 +385,6 @@ class AsyncCheckpointer:
 
         self._tg.start_soon(supervised, name=name)
 
-    # ------------------------------------------------------------------ save
-    async def save(
-        self,
-        state_dict: Mapping[str, Any],
-        *,
-        step: int | None = None,
-        overwrite: bool = False,
-        overlap: bool = False,
-    ) -> SaveHandle:
-        """Stage ``state_dict`` and start persisting it as ``step``.
-
-        By default this returns once staged: the caller may then change every
-        tensor in place, the checkpoint holds the values at the time of the call.
-        With ``overlap=True`` it returns at once and the copy runs in a worker
-        thread (GIL released) while the caller goes on: the tensors must not be
-        mutated until ``await handle.staged()`` -- :meth:`guard` makes an
-        optimizer wait for that by itself. Either way the daemon starts
-        persisting as soon as the copy is done, without waiting for the caller
-        to yield to the event loop. ``step=None`` is the latest step + 1.
-
-        Cancelling the caller while it stages aborts the save (nothing is
-        written) and re-raises.
-
-        Raises:
-            TypeError: a value cannot be sent to the daemon (the key path is named;
-                with ``overlap=True`` the handle fails with it instead).
-            CheckpointExistsError: ``step`` is committed or already being saved,
-                and ``overwrite`` is False.
-        """
-        self._check_open()
-        _storage.check_step(step)
-        assert self._daemons is not None
-        t0 = time.perf_counter()
-        handle = SaveHandle(-1, self._send_cancel)
-        handle._t0 = t0
-        handle._overwrite = overwrite
-        if self.when_busy == "skip" and not self._slots.any_free:
-            return self._skipped(step, t0)
-        slot = await self._slots.take(handle)
-        handle._slot = slot
-        try:
-            handle.step = self._reserve_step(step)
-            self._inflight.add(handle)
-            gen = await self._daemons.for_save()
-        except BaseException as exc:
-            self._finish(handle, None, exc if isinstance(exc, Exception) else None)
-            raise
-        stream = _cuda_stream()
-        if overlap:
-            # Start the copy now, in a thread of its own: a guard may block this (the
-            # loop's) thread before the loop runs again, and must not wait for a copy
-            # that only the loop could start.
-            copying = _Copy(self._stage_blocking, state_dict, handle, overwrite, stream)
-            self._spawn(
-                self._stage, handle, gen, state_dict, overwrite, stream, copying, name="stage"
-            )
-            return handle
-        await self._stage(handle, gen, state_dict, overwrite, stream, raise_errors=True)
-        return handle
-
-    async def _stage(
-        self,
-        handle: SaveHandle,
-        gen: Generation,
-        state_dict: Mapping[str, Any],
-        overwrite: bool,
-        stream: Any,
-        copying: _Copy | None = None,
-        *,
-        raise_errors: bool = False,
-    ) -> None:
-        """Copy into the handle's slot and send the save to ``gen``: the handle (holding
-        the slot and the step) is finished here on any failure, before or after."""
-        slot = handle._slot
-        try:
-            if copying is None:
-                fd, nbytes = await anyio.to_thread.run_sync(
-                    self._stage_blocking, state_dict, handle, overwrite, stream
-                )
-            else:
-                fd, nbytes = await copying.result()
-            try:
-                handle._staged_event.set()
-                # The copy cannot be interrupted; a cancellation that arrived meanwhile
-                # aborts the save here. Alone, nothing is sent. With several ranks the
-                # save is sent and cancelled at once, so every rank's daemon still takes
-                # part in (and agrees to cancel) this step: the ranks stay in lockstep.
-                lockstep = self._group is not None and self._group.distributed
-                try:
-                    await anyio.lowlevel.checkpoint_if_cancelled()
-                except BaseException:
-                    if lockstep:
-                        handle._cancel_requested = handle._observed = True
-                        self._send_save(handle, gen, slot, fd, nbytes, overwrite)
-                        self._send_cancel(handle)
-                    raise
-                if handle._cancel_requested and not lockstep:
-                    raise CheckpointCancelledError(
-                        f"save of step {handle.step} was cancelled while staging; "
-                        "nothing was published",
-                        step=handle.step,
-                    )
-                self._send_save(handle, gen, slot, fd, nbytes, overwrite)
-                if handle._cancel_requested:
-                    self._send_cancel(handle)
-            finally:
-                os.close(fd)
-        except BaseException as exc:
-            if handle._gen is not None:  # sent: its generation finishes it
-                raise
-            error = (
-                exc
-                if isinstance(exc, Exception)
-                else CheckpointCancelledError(
-                    f"save of step {handle.step} was cancelled while staging", step=handle.step
-                )
-            )
-            if self._finish(handle, None, error) and not raise_errors:
-                self._unobserved.append(handle)
-            if raise_errors or not isinstance(exc, Exception):
-                handle._observed = True
-                raise
-            return
-        self._emit(handle, "staged", 0, handle._nbytes)
-
-    def _stage_blocking(
-        self, state_dict: Mapping[str, Any], handle: SaveHandle, overwrite: bool, stream: Any
-    ) -> tuple[int, int]:
-        """Worker thread: flatten, fit the slot's arena, copy, write the skeleton memfd."""
-        step = handle.step
-        if not overwrite and _storage.step_dir(self.root, step).exists():
-            raise CheckpointExistsError(f"step {step} already exists in {self.root}")
-        with gc_paused():  # else a full collection can hold the GIL for 100s of ms
-            flat = flatten(state_dict)
-            slot = handle._slot
-            arena = slot.fit(flat)
-            arena.stage(flat, stream=stream)
-            handle._nbytes = arena.used_bytes
-            handle._stage_seconds = time.perf_counter() - handle._t0
-            handle._staged_flag.set()  # the sources may change now (guards wake up here)
-            blob = dumps_skeleton(flat.skeleton)
-        return memfd_with(blob, f"aiodcp-skeleton-{step}"), len(blob)
-
-    def _send_save(
-        self, handle: SaveHandle, gen: Generation, slot: Slot, fd: int, nbytes: int, ow: bool
-    ) -> None:
-        """Hand the handle to ``gen`` (on the loop, no await in between: atomic)."""
-        if not gen.alive:  # it died while we staged: the handle reports it
-            self._finish(handle, None, self._died_error(gen, handle.step))
-            self._unobserved.append(handle)
-            return
-        slot.announce(gen)
-        assert slot.arena is not None
-        handle._req_id = self._next_req
-        self._next_req += 1
-        handle._gen = gen
-        gen.pending[handle._req_id] = handle
-        gen.send(p.Save(handle._req_id, handle.step, slot.arena.arena_id, nbytes, ow), fd=fd)
-        if slot.retired:
-            self._spawn(anyio.to_thread.run_sync, slot.close_retired, name="close arenas")
-
-    async def prepare(self, state_dict: Mapping[str, Any]) -> None:
-        """Allocate and pre-fault the staging memory for ``state_dict``'s layout now.
-
-        Optional: call it once before the training loop and the first ``save()``
-        stalls no longer than the later ones (the arena's page faults happen
-        here instead). Nothing is saved. Slots that a save holds are left alone:
-        ``prepare()`` never shares a slot with a save. A later layout change
-        simply gets a new arena.
-        """
-        self._check_open()
-        assert self._daemons is not None
-        flat = await anyio.to_thread.run_sync(flatten, state_dict)
-        token = object()
-        taken: list[Slot] = []
-        try:
-            while (slot := self._slots.try_take(token)) is not None:
-                taken.append(slot)
-            for slot in taken:
-                await anyio.to_thread.run_sync(slot.fit, flat)
-                gen = self._daemons.current
-                if gen is not None and gen.alive:
-                    slot.announce(gen)
-                await anyio.to_thread.run_sync(slot.close_retired)
-        finally:
-            for slot in taken:
-                self._slots.give(slot, token)
-
-    def _next_step(self) -> int:
-        return max(self._high_step, max(self._reserved, default=-1)) + 1
-
-    def _reserve_step(self, step: int | None) -> int:
-        if step is None:
-            step = self._next_step()
-        elif step in self._reserved:
-            raise CheckpointExistsError(f"step {step} is already being saved")
-        self._reserved.add(step)
-        return step
-
-    def _skipped(self, step: int | None, t0: float) -> SaveHandle:
-        chosen = step if step is not None else self._next_step()
-        handle = SaveHandle(chosen)
-        handle._observed = True
-        self._emit(handle, "skipped", 0, 0)
-        handle._finish(
-            SaveResult(
-                chosen,
-                _storage.step_dir(self.root, chosen),
-                0,
-                time.perf_counter() - t0,
-                0.0,
-                skipped=True,
-            ),
-            None,
-        )
-        return handle
-
-    def _send_cancel(self, handle: SaveHandle) -> None:
-        gen = handle._gen
-        if gen is not None and handle._req_id in gen.pending:
-            gen.send(p.Cancel(handle._req_id))
-
-    # ------------------------------------------------------- daemon messages
-    def _on_message(self, gen: Generation, msg: p.Message) -> None:
-        """A reply from ``gen``: it can only concern ``gen``'s own handles (fencing)."""
-        req_id = getattr(msg, "req_id", None)
-        handle = gen.pending.get(req_id) if isinstance(req_id, int) else None
-        if handle is None:
-            return
-        if isinstance(msg, p.Progress):
-            phase: Literal["writing", "written"] = (
-                "written" if msg.phase == "written" else "writing"
-            )
-            self._emit(handle, phase, msg.bytes_written, msg.total_bytes)
-        elif isinstance(msg, p.Saved):
-            self._committed(handle, msg.nbytes, msg.persist_seconds, recovered=False)
-        elif isinstance(msg, p.SaveFailed):
-            error: CheckpointError
-            if msg.cancelled:
-                error = CheckpointCancelledError(
-                    f"save of step {handle.step} was cancelled ({msg.message}); "
-                    "nothing was published",
-                    step=handle.step,
-                )
-            else:
-                error = SaveFailedError(
-                    f"save of step {handle.step} failed in the daemon: {msg.error_type}: "
-                    f"{msg.message}\n--- daemon traceback ---\n{msg.traceback}",
-                    step=handle.step,
-                    remote_type=msg.error_type,
-                    remote_traceback=msg.traceback,
-                )
-            if msg.cancelled or handle._overwrite:
-                self._finish(handle, None, error)
-                self._unobserved.append(handle)
-            else:
-                # With several ranks a failure may come after rank 0 renamed the step
-                # (e.g. rank 0's daemon died right after): the disk decides.
-                gen.pending.pop(handle._req_id, None)
-                self._spawn(self._settle_from_disk, handle, error, name="settle from disk")
-
-    async def _settle_from_disk(self, handle: SaveHandle, error: CheckpointError) -> None:
-        committed = await anyio.to_thread.run_sync(_storage.is_committed, self.root, handle.step)
-        if committed:
-            log.warning("step %d was committed although its save reported: %s", handle.step, error)
-            self._committed(handle, handle._nbytes, 0.0, recovered=True)
-        else:
-            self._finish(handle, None, error)
-            self._unobserved.append(handle)
-
-    def _committed(self, handle: SaveHandle, nbytes: int, persist: float, recovered: bool) -> None:
-        self._high_step = max(self._high_step, handle.step)
-        result = SaveResult(
-            step=handle.step,
-            path=_storage.step_dir(self.root, handle.step),
-            nbytes=nbytes,
-            stage_seconds=handle._stage_seconds,
-            persist_seconds=persist,
-            recovered=recovered,
-        )
-        if self._finish(handle, result, None):
-            self._emit(handle, "committed", nbytes, nbytes)
-            notify_commit(self.root, handle.step)
-
-    def _finish(
-        self, handle: SaveHandle, result: SaveResult | None, error: BaseException | None
-    ) -> bool:
-        """The one way a save ends: its generation, slot and step let go of it."""
-        if handle._gen is not None:
-            handle._gen.pending.pop(handle._req_id, None)
-        if handle._slot is not None:
-            self._slots.give(handle._slot, handle)
-            handle._slot = None
-        self._reserved.discard(handle.step)
-        self._inflight.discard(handle)
-        if not handle._finish(result, error):
-            return False
-        if error is not None:
-            self._emit(handle, "failed", 0, 0)
-        return True
-
-    async def _on_exit(self, gen: Generation) -> None:
-        """``gen``'s process is reaped: settle *its* handles, from the disk's point of view.
-
-        A step whose directory is there was committed (the rename is the commit
-        point), even if the daemon died before it could say so.
-        """
-        handles = list(gen.pending.values())
-        fresh = [h.step for h in handles if not h._overwrite]  # an overwrite's step existed
-        committed = await anyio.to_thread.run_sync(self._after_death, fresh)
-        for handle in handles:
-            if handle.step in committed:
-                log.warning(
-                    "daemon died after committing step %d; outcome re-read from disk", handle.step
-                )
-                self._committed(handle, handle._nbytes, 0.0, recovered=True)
-            else:
-                self._finish(handle, None, self._died_error(gen, handle.step))
-                self._unobserved.append(handle)
-
-    def _after_death(self, steps: list[int]) -> set[int]:
-        """Worker thread: which of ``steps`` are committed; repair derived state."""
-        committed = {s for s in steps if _storage.is_committed(self.root, s)}
-        if self.rank == 0:
-            try:
-                _storage.reconcile(self.root)
-            except OSError as exc:
-                log.warning("could not repair latest/.commits in %s: %s", self.root, exc)
-        self._high_step = max(self._high_step, _latest_on_disk(self.root, self.rank))
-        return committed
-
-    def _died_error(self, gen: Generation, step: int | None) -> WorkerDiedError:
-        where = f" while saving step {step}" if step is not None else ""
-        return WorkerDiedError(
-            f"checkpoint daemon (pid {gen.pid}) {describe_exit(gen.returncode)}{where}; "
-            "the step was not published",
-            returncode=gen.returncode,
-            step=step,
-        )
-
-    def _emit(self, handle: SaveHandle, phase: Any, written: int, total: int) -> None:
-        if self.on_event is None:
-            return
-        try:
-            self.on_event(
-                SaveEvent(handle.step, phase, written, total, time.perf_counter() - handle._t0)
-            )
-        except Exception:
-            log.exception("on_event callback failed")
-
     # ------------------------------------------------------------ guards, signals
     def guard(self, *objects: Any, strict: bool = False) -> Guard:
         """Make mutating ``objects`` wait for pending overlapped staging (opt-in).
@@ -751,66 +395,6 @@ class AsyncCheckpointer:
         Returns a :class:`Guard`; ``guard.remove()`` takes the hooks off.
         """
         return Guard(objects, lambda: [h for h in self._inflight if not h.is_staged()], strict)
-
-    def handle_signals(
-        self,
-        *signals: int,
-        grace: float = 30.0,
-        final_save: Callable[[], Any] | None = None,
-    ) -> None:
-        """Opt in to preemption handling: on one of ``signals`` (e.g. SIGTERM), finish up.
-
-        The signal receiver is installed before this returns. The signal is then
-        received on the event loop (never in a plain signal handler). Within
-        ``grace`` seconds: ``final_save()`` is awaited if given (it may return a
-        :class:`SaveHandle`, which is awaited too), every in-flight save is
-        awaited until committed, and the ``async with`` body is cancelled; the
-        block then exits with ``SystemExit(128 + signal)``. Saves still in flight
-        when the grace period ends are cancelled, never published. An error in
-        ``final_save`` is logged and does not stop the rest.
-        """
-        self._check_open()
-        if self._host_done is not None:
-            raise RuntimeError("handle_signals() needs `async with AsyncCheckpointer(...)`")
-        if not signals:
-            raise ValueError("name at least one signal, e.g. signal.SIGTERM")
-        receiver = anyio.open_signal_receiver(*(signal.Signals(s) for s in signals))
-        received = receiver.__enter__()  # installed now, not when a task first runs
-        self._spawn(self._preemption, receiver, received, grace, final_save, name="preemption")
-
-    async def _preemption(
-        self,
-        receiver: Any,
-        received: AsyncIterator[int],
-        grace: float,
-        final_save: Callable[[], Any] | None,
-    ) -> None:
-        signum = 0
-        try:
-            async for signum in received:  # noqa: B007  (the first one is enough)
-                break
-        finally:
-            receiver.__exit__(None, None, None)
-        log.warning("received signal %d: committing in-flight saves (grace %.0fs)", signum, grace)
-        self.preempted = int(signum)
-        with anyio.move_on_after(grace) as scope:
-            try:
-                if final_save is not None:
-                    result = final_save()
-                    if hasattr(result, "__await__"):
-                        result = await result
-                    if isinstance(result, SaveHandle):
-                        await result
-            except Exception as exc:
-                log.error("final checkpoint on signal %d failed: %r", signum, exc)
-            try:
-                await self.wait()
-            except CheckpointError as exc:
-                log.error("in-flight checkpoint on signal %d failed: %s", signum, exc)
-        if scope.cancelled_caught:
-            log.error("grace period of %.0fs ran out; cancelling in-flight saves", grace)
-        if self._body_scope is not None:
-            self._body_scope.cancel()
 
     # ----------------------------------------------------------------- other
     async def wait(self) -> None:
@@ -862,44 +446,3 @@ class AsyncCheckpointer:
     ) -> AsyncIterator[int]:
         """``aiodcp.watch`` on this checkpointer's root."""
         return watch(self.root, include_latest=include_latest, poll_interval=poll_interval)
-
-
-def _latest_on_disk(root: Path, rank: int) -> int:
-    latest = _storage.read_latest(root)
-    return -1 if latest is None else latest
-
-
-def _cuda_stream() -> Any:
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
-        return torch.cuda.current_stream()
-    return None
-
-
-class _Copy:
-    """The blocking copy of an overlapped save, running from construction on in a
-    thread of its own (not one the event loop has yet to hand out)."""
-
-    def __init__(self, fn: Callable[..., tuple[int, int]], *args: Any) -> None:
-        self._value: tuple[int, int] | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(
-            target=self._run, args=(fn, args), name="aiodcp-stage", daemon=True
-        )
-        self._thread.start()
-
-    def _run(self, fn: Callable[..., tuple[int, int]], args: tuple[Any, ...]) -> None:
-        try:
-            self._value = fn(*args)
-        except BaseException as exc:
-            self._error = exc
-
-    async def result(self) -> tuple[int, int]:
-        """Wait for the copy; a cancellation waits for it too (it writes into the slot)."""
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self._thread.join)
-        if self._error is not None:
-            raise self._error
-        assert self._value is not None
-        return self._value

@@ -9,6 +9,8 @@ no two users can ever copy into one arena at once.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -18,7 +20,7 @@ from . import _protocol as p
 from ._arena import Arena
 from ._staging import Flat
 
-__all__ = ["PREPARE", "Slot", "SlotPool"]
+__all__ = ["PREPARE", "CopyThread", "Slot", "SlotPool"]
 
 PREPARE: Final = "prepare"
 
@@ -101,3 +103,31 @@ class SlotPool:
             return
         slot.holder = None
         self._free.release()
+
+
+class CopyThread:
+    """The blocking copy of an overlapped save, running from construction on in a
+    thread of its own (not one the event loop has yet to hand out)."""
+
+    def __init__(self, fn: Callable[..., tuple[int, int]], *args: Any) -> None:
+        self._value: tuple[int, int] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(fn, args), name="aiodcp-stage", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, fn: Callable[..., tuple[int, int]], args: tuple[Any, ...]) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as exc:
+            self._error = exc
+
+    async def result(self) -> tuple[int, int]:
+        """Wait for the copy; a cancellation waits for it too (it writes into the slot)."""
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._thread.join)
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value

@@ -1,0 +1,209 @@
+"""How a save ends: the daemon's replies, a generation's death, the disk's word.
+
+Part of :class:`aiodcp.AsyncCheckpointer` (a mixin). :meth:`Outcomes._finish` is the one
+place a handle lets go of its generation, slot and step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import anyio.to_thread
+
+from . import _protocol as p
+from . import _storage
+from ._dist import Group
+from ._errors import (
+    CheckpointCancelledError,
+    CheckpointError,
+    SaveFailedError,
+    WorkerDiedError,
+)
+from ._generation import Generation, describe_exit
+from ._handle import SaveEvent, SaveHandle, SaveResult
+from ._slots import SlotPool
+from ._supervisor import Supervisor
+from ._watch import notify_commit
+
+log = logging.getLogger("aiodcp")
+
+__all__ = ["Outcomes", "latest_on_disk"]
+
+
+class Outcomes:
+    # set by AsyncCheckpointer.__init__ / open
+    root: Path
+    when_busy: str
+    on_event: Callable[[SaveEvent], None] | None
+    _group: Group | None
+    _tg: anyio.abc.TaskGroup | None
+    _daemons: Supervisor | None
+    _slots: SlotPool
+    _inflight: set[SaveHandle]
+    _unobserved: list[SaveHandle]
+    _next_req: int
+    _high_step: int
+    _reserved: set[int]
+    _host_done: anyio.Event | None
+    _body_scope: anyio.CancelScope | None
+    preempted: int | None
+
+    if TYPE_CHECKING:  # provided by the other parts of AsyncCheckpointer
+
+        def _check_open(self) -> None:
+            raise NotImplementedError
+
+        def _spawn(self, fn: Callable[..., Awaitable[None]], *args: Any, name: str) -> None:
+            raise NotImplementedError
+
+        async def wait(self) -> None:
+            raise NotImplementedError
+
+        @property
+        def rank(self) -> int:
+            raise NotImplementedError
+
+    def _send_cancel(self, handle: SaveHandle) -> None:
+        gen = handle._gen
+        if gen is not None and handle._req_id in gen.pending:
+            gen.send(p.Cancel(handle._req_id))
+
+    # ------------------------------------------------------- daemon messages
+    def _on_message(self, gen: Generation, msg: p.Message) -> None:
+        """A reply from ``gen``: it can only concern ``gen``'s own handles (fencing)."""
+        req_id = getattr(msg, "req_id", None)
+        handle = gen.pending.get(req_id) if isinstance(req_id, int) else None
+        if handle is None:
+            return
+        if isinstance(msg, p.Progress):
+            phase: Literal["writing", "written"] = (
+                "written" if msg.phase == "written" else "writing"
+            )
+            self._emit(handle, phase, msg.bytes_written, msg.total_bytes)
+        elif isinstance(msg, p.Saved):
+            self._committed(handle, msg.nbytes, msg.persist_seconds, recovered=False)
+        elif isinstance(msg, p.SaveFailed):
+            error: CheckpointError
+            if msg.cancelled:
+                error = CheckpointCancelledError(
+                    f"save of step {handle.step} was cancelled ({msg.message}); "
+                    "nothing was published",
+                    step=handle.step,
+                )
+            else:
+                error = SaveFailedError(
+                    f"save of step {handle.step} failed in the daemon: {msg.error_type}: "
+                    f"{msg.message}\n--- daemon traceback ---\n{msg.traceback}",
+                    step=handle.step,
+                    remote_type=msg.error_type,
+                    remote_traceback=msg.traceback,
+                )
+            if msg.cancelled or handle._overwrite:
+                self._finish(handle, None, error)
+                self._unobserved.append(handle)
+            else:
+                # With several ranks a failure may come after rank 0 renamed the step
+                # (e.g. rank 0's daemon died right after): the disk decides.
+                gen.pending.pop(handle._req_id, None)
+                self._spawn(self._settle_from_disk, handle, error, name="settle from disk")
+
+    async def _settle_from_disk(self, handle: SaveHandle, error: CheckpointError) -> None:
+        committed = await anyio.to_thread.run_sync(_storage.is_committed, self.root, handle.step)
+        if committed:
+            log.warning("step %d was committed although its save reported: %s", handle.step, error)
+            self._committed(handle, handle._nbytes, 0.0, recovered=True)
+        else:
+            self._finish(handle, None, error)
+            self._unobserved.append(handle)
+
+    def _committed(self, handle: SaveHandle, nbytes: int, persist: float, recovered: bool) -> None:
+        self._high_step = max(self._high_step, handle.step)
+        result = SaveResult(
+            step=handle.step,
+            path=_storage.step_dir(self.root, handle.step),
+            nbytes=nbytes,
+            stage_seconds=handle._stage_seconds,
+            persist_seconds=persist,
+            recovered=recovered,
+        )
+        if self._finish(handle, result, None):
+            self._emit(handle, "committed", nbytes, nbytes)
+            notify_commit(self.root, handle.step)
+
+    def _finish(
+        self, handle: SaveHandle, result: SaveResult | None, error: BaseException | None
+    ) -> bool:
+        """The one way a save ends: its generation, slot and step let go of it."""
+        if handle._gen is not None:
+            handle._gen.pending.pop(handle._req_id, None)
+        if handle._slot is not None:
+            self._slots.give(handle._slot, handle)
+            handle._slot = None
+        self._reserved.discard(handle.step)
+        self._inflight.discard(handle)
+        if not handle._finish(result, error):
+            return False
+        if error is not None:
+            self._emit(handle, "failed", 0, 0)
+        return True
+
+    async def _on_exit(self, gen: Generation) -> None:
+        """``gen``'s process is reaped: settle *its* handles, from the disk's point of view.
+
+        A step whose directory is there was committed (the rename is the commit
+        point), even if the daemon died before it could say so.
+        """
+        handles = list(gen.pending.values())
+        fresh = [h.step for h in handles if not h._overwrite]  # an overwrite's step existed
+        committed = await anyio.to_thread.run_sync(self._after_death, fresh)
+        for handle in handles:
+            if handle.step in committed:
+                log.warning(
+                    "daemon died after committing step %d; outcome re-read from disk", handle.step
+                )
+                self._committed(handle, handle._nbytes, 0.0, recovered=True)
+            else:
+                self._finish(handle, None, self._died_error(gen, handle.step))
+                self._unobserved.append(handle)
+
+    def _after_death(self, steps: list[int]) -> set[int]:
+        """Worker thread: which of ``steps`` are committed; repair derived state."""
+        committed = {s for s in steps if _storage.is_committed(self.root, s)}
+        if self.rank == 0:
+            try:
+                _storage.reconcile(self.root)
+            except OSError as exc:
+                log.warning("could not repair latest/.commits in %s: %s", self.root, exc)
+        self._high_step = max(self._high_step, latest_on_disk(self.root, self.rank))
+        return committed
+
+    def _died_error(self, gen: Generation, step: int | None) -> WorkerDiedError:
+        where = f" while saving step {step}" if step is not None else ""
+        return WorkerDiedError(
+            f"checkpoint daemon (pid {gen.pid}) {describe_exit(gen.returncode)}{where}; "
+            "the step was not published",
+            returncode=gen.returncode,
+            step=step,
+        )
+
+    def _emit(self, handle: SaveHandle, phase: Any, written: int, total: int) -> None:
+        if self.on_event is None:
+            return
+        try:
+            self.on_event(
+                SaveEvent(handle.step, phase, written, total, time.perf_counter() - handle._t0)
+            )
+        except Exception:
+            log.exception("on_event callback failed")
+
+
+def latest_on_disk(root: Path, rank: int) -> int:
+    latest = _storage.read_latest(root)
+    return -1 if latest is None else latest

@@ -1,0 +1,123 @@
+"""Preemption: ``handle_signals()`` and the task that answers a signal.
+
+Part of :class:`aiodcp.AsyncCheckpointer` (a mixin).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import anyio.to_thread
+
+from ._dist import Group
+from ._errors import (
+    CheckpointError,
+)
+from ._handle import SaveEvent, SaveHandle
+from ._slots import SlotPool
+from ._supervisor import Supervisor
+
+log = logging.getLogger("aiodcp")
+
+__all__ = ["Preemption"]
+
+
+class Preemption:
+    # set by AsyncCheckpointer.__init__ / open
+    root: Path
+    when_busy: str
+    on_event: Callable[[SaveEvent], None] | None
+    _group: Group | None
+    _tg: anyio.abc.TaskGroup | None
+    _daemons: Supervisor | None
+    _slots: SlotPool
+    _inflight: set[SaveHandle]
+    _unobserved: list[SaveHandle]
+    _next_req: int
+    _high_step: int
+    _reserved: set[int]
+    _host_done: anyio.Event | None
+    _body_scope: anyio.CancelScope | None
+    preempted: int | None
+
+    if TYPE_CHECKING:  # provided by the other parts of AsyncCheckpointer
+
+        def _check_open(self) -> None:
+            raise NotImplementedError
+
+        def _spawn(self, fn: Callable[..., Awaitable[None]], *args: Any, name: str) -> None:
+            raise NotImplementedError
+
+        async def wait(self) -> None:
+            raise NotImplementedError
+
+        @property
+        def rank(self) -> int:
+            raise NotImplementedError
+
+    def handle_signals(
+        self,
+        *signals: int,
+        grace: float = 30.0,
+        final_save: Callable[[], Any] | None = None,
+    ) -> None:
+        """Opt in to preemption handling: on one of ``signals`` (e.g. SIGTERM), finish up.
+
+        The signal receiver is installed before this returns. The signal is then
+        received on the event loop (never in a plain signal handler). Within
+        ``grace`` seconds: ``final_save()`` is awaited if given (it may return a
+        :class:`SaveHandle`, which is awaited too), every in-flight save is
+        awaited until committed, and the ``async with`` body is cancelled; the
+        block then exits with ``SystemExit(128 + signal)``. Saves still in flight
+        when the grace period ends are cancelled, never published. An error in
+        ``final_save`` is logged and does not stop the rest.
+        """
+        self._check_open()
+        if self._host_done is not None:
+            raise RuntimeError("handle_signals() needs `async with AsyncCheckpointer(...)`")
+        if not signals:
+            raise ValueError("name at least one signal, e.g. signal.SIGTERM")
+        receiver = anyio.open_signal_receiver(*(signal.Signals(s) for s in signals))
+        received = receiver.__enter__()  # installed now, not when a task first runs
+        self._spawn(self._preemption, receiver, received, grace, final_save, name="preemption")
+
+    async def _preemption(
+        self,
+        receiver: Any,
+        received: AsyncIterator[int],
+        grace: float,
+        final_save: Callable[[], Any] | None,
+    ) -> None:
+        signum = 0
+        try:
+            async for signum in received:  # noqa: B007  (the first one is enough)
+                break
+        finally:
+            receiver.__exit__(None, None, None)
+        log.warning("received signal %d: committing in-flight saves (grace %.0fs)", signum, grace)
+        self.preempted = int(signum)
+        with anyio.move_on_after(grace) as scope:
+            try:
+                if final_save is not None:
+                    result = final_save()
+                    if hasattr(result, "__await__"):
+                        result = await result
+                    if isinstance(result, SaveHandle):
+                        await result
+            except Exception as exc:
+                log.error("final checkpoint on signal %d failed: %r", signum, exc)
+            try:
+                await self.wait()
+            except CheckpointError as exc:
+                log.error("in-flight checkpoint on signal %d failed: %s", signum, exc)
+        if scope.cancelled_caught:
+            log.error("grace period of %.0fs ran out; cancelling in-flight saves", grace)
+        if self._body_scope is not None:
+            self._body_scope.cancel()

@@ -1,0 +1,309 @@
+"""How a save starts: a slot and a step taken, the daemons agreed on, the copy, the send.
+
+Part of :class:`aiodcp.AsyncCheckpointer` (a mixin, for one concern per module).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import anyio.to_thread
+
+from . import _protocol as p
+from . import _storage
+from ._arena import memfd_with
+from ._dist import Group
+from ._errors import (
+    CheckpointCancelledError,
+    CheckpointExistsError,
+    WorkerDiedError,
+)
+from ._generation import Generation
+from ._handle import SaveEvent, SaveHandle, SaveResult
+from ._slots import CopyThread, Slot, SlotPool
+from ._staging import dumps_skeleton, flatten, gc_paused
+from ._supervisor import Supervisor
+
+log = logging.getLogger("aiodcp")
+
+__all__ = ["Saving"]
+
+
+class Saving:
+    # set by AsyncCheckpointer.__init__ / open
+    root: Path
+    when_busy: str
+    on_event: Callable[[SaveEvent], None] | None
+    _group: Group | None
+    _tg: anyio.abc.TaskGroup | None
+    _daemons: Supervisor | None
+    _slots: SlotPool
+    _inflight: set[SaveHandle]
+    _unobserved: list[SaveHandle]
+    _next_req: int
+    _high_step: int
+    _reserved: set[int]
+    _host_done: anyio.Event | None
+    _body_scope: anyio.CancelScope | None
+    preempted: int | None
+
+    if TYPE_CHECKING:  # provided by the other parts of AsyncCheckpointer
+
+        def _check_open(self) -> None:
+            raise NotImplementedError
+
+        def _spawn(self, fn: Callable[..., Awaitable[None]], *args: Any, name: str) -> None:
+            raise NotImplementedError
+
+        async def wait(self) -> None:
+            raise NotImplementedError
+
+        @property
+        def rank(self) -> int:
+            raise NotImplementedError
+
+        def _finish(
+            self, handle: SaveHandle, result: SaveResult | None, error: BaseException | None
+        ) -> bool:
+            raise NotImplementedError
+
+        def _emit(self, handle: SaveHandle, phase: Any, written: int, total: int) -> None:
+            raise NotImplementedError
+
+        def _died_error(self, gen: Generation, step: int | None) -> WorkerDiedError:
+            raise NotImplementedError
+
+        def _send_cancel(self, handle: SaveHandle) -> None:
+            raise NotImplementedError
+
+    async def save(
+        self,
+        state_dict: Mapping[str, Any],
+        *,
+        step: int | None = None,
+        overwrite: bool = False,
+        overlap: bool = False,
+    ) -> SaveHandle:
+        """Stage ``state_dict`` and start persisting it as ``step``.
+
+        By default this returns once staged: the caller may then change every
+        tensor in place, the checkpoint holds the values at the time of the call.
+        With ``overlap=True`` it returns at once and the copy runs in a worker
+        thread (GIL released) while the caller goes on: the tensors must not be
+        mutated until ``await handle.staged()`` -- :meth:`guard` makes an
+        optimizer wait for that by itself. Either way the daemon starts
+        persisting as soon as the copy is done, without waiting for the caller
+        to yield to the event loop. ``step=None`` is the latest step + 1.
+
+        Cancelling the caller while it stages aborts the save (nothing is
+        written) and re-raises.
+
+        Raises:
+            TypeError: a value cannot be sent to the daemon (the key path is named;
+                with ``overlap=True`` the handle fails with it instead).
+            CheckpointExistsError: ``step`` is committed or already being saved,
+                and ``overwrite`` is False.
+        """
+        self._check_open()
+        _storage.check_step(step)
+        assert self._daemons is not None
+        t0 = time.perf_counter()
+        handle = SaveHandle(-1, self._send_cancel)
+        handle._t0 = t0
+        handle._overwrite = overwrite
+        if self.when_busy == "skip" and not self._slots.any_free:
+            return self._skipped(step, t0)
+        slot = await self._slots.take(handle)
+        handle._slot = slot
+        try:
+            handle.step = self._reserve_step(step)
+            self._inflight.add(handle)
+            gen = await self._daemons.for_save()
+        except BaseException as exc:
+            self._finish(handle, None, exc if isinstance(exc, Exception) else None)
+            raise
+        stream = _cuda_stream()
+        if overlap:
+            # Start the copy now, in a thread of its own: a guard may block this (the
+            # loop's) thread before the loop runs again, and must not wait for a copy
+            # that only the loop could start.
+            copying = CopyThread(self._stage_blocking, state_dict, handle, overwrite, stream)
+            self._spawn(
+                self._stage, handle, gen, state_dict, overwrite, stream, copying, name="stage"
+            )
+            return handle
+        await self._stage(handle, gen, state_dict, overwrite, stream, raise_errors=True)
+        return handle
+
+    async def _stage(
+        self,
+        handle: SaveHandle,
+        gen: Generation,
+        state_dict: Mapping[str, Any],
+        overwrite: bool,
+        stream: Any,
+        copying: CopyThread | None = None,
+        *,
+        raise_errors: bool = False,
+    ) -> None:
+        """Copy into the handle's slot and send the save to ``gen``: the handle (holding
+        the slot and the step) is finished here on any failure, before or after."""
+        slot = handle._slot
+        try:
+            if copying is None:
+                fd, nbytes = await anyio.to_thread.run_sync(
+                    self._stage_blocking, state_dict, handle, overwrite, stream
+                )
+            else:
+                fd, nbytes = await copying.result()
+            try:
+                handle._staged_event.set()
+                # The copy cannot be interrupted; a cancellation that arrived meanwhile
+                # aborts the save here. Alone, nothing is sent. With several ranks the
+                # save is sent and cancelled at once, so every rank's daemon still takes
+                # part in (and agrees to cancel) this step: the ranks stay in lockstep.
+                lockstep = self._group is not None and self._group.distributed
+                try:
+                    await anyio.lowlevel.checkpoint_if_cancelled()
+                except BaseException:
+                    if lockstep:
+                        handle._cancel_requested = handle._observed = True
+                        self._send_save(handle, gen, slot, fd, nbytes, overwrite)
+                        self._send_cancel(handle)
+                    raise
+                if handle._cancel_requested and not lockstep:
+                    raise CheckpointCancelledError(
+                        f"save of step {handle.step} was cancelled while staging; "
+                        "nothing was published",
+                        step=handle.step,
+                    )
+                self._send_save(handle, gen, slot, fd, nbytes, overwrite)
+                if handle._cancel_requested:
+                    self._send_cancel(handle)
+            finally:
+                os.close(fd)
+        except BaseException as exc:
+            if handle._gen is not None:  # sent: its generation finishes it
+                raise
+            error = (
+                exc
+                if isinstance(exc, Exception)
+                else CheckpointCancelledError(
+                    f"save of step {handle.step} was cancelled while staging", step=handle.step
+                )
+            )
+            if self._finish(handle, None, error) and not raise_errors:
+                self._unobserved.append(handle)
+            if raise_errors or not isinstance(exc, Exception):
+                handle._observed = True
+                raise
+            return
+        self._emit(handle, "staged", 0, handle._nbytes)
+
+    def _stage_blocking(
+        self, state_dict: Mapping[str, Any], handle: SaveHandle, overwrite: bool, stream: Any
+    ) -> tuple[int, int]:
+        """Worker thread: flatten, fit the slot's arena, copy, write the skeleton memfd."""
+        step = handle.step
+        if not overwrite and _storage.step_dir(self.root, step).exists():
+            raise CheckpointExistsError(f"step {step} already exists in {self.root}")
+        with gc_paused():  # else a full collection can hold the GIL for 100s of ms
+            flat = flatten(state_dict)
+            slot = handle._slot
+            arena = slot.fit(flat)
+            arena.stage(flat, stream=stream)
+            handle._nbytes = arena.used_bytes
+            handle._stage_seconds = time.perf_counter() - handle._t0
+            handle._staged_flag.set()  # the sources may change now (guards wake up here)
+            blob = dumps_skeleton(flat.skeleton)
+        return memfd_with(blob, f"aiodcp-skeleton-{step}"), len(blob)
+
+    def _send_save(
+        self, handle: SaveHandle, gen: Generation, slot: Slot, fd: int, nbytes: int, ow: bool
+    ) -> None:
+        """Hand the handle to ``gen`` (on the loop, no await in between: atomic)."""
+        if not gen.alive:  # it died while we staged: the handle reports it
+            self._finish(handle, None, self._died_error(gen, handle.step))
+            self._unobserved.append(handle)
+            return
+        slot.announce(gen)
+        assert slot.arena is not None
+        handle._req_id = self._next_req
+        self._next_req += 1
+        handle._gen = gen
+        gen.pending[handle._req_id] = handle
+        gen.send(p.Save(handle._req_id, handle.step, slot.arena.arena_id, nbytes, ow), fd=fd)
+        if slot.retired:
+            self._spawn(anyio.to_thread.run_sync, slot.close_retired, name="close arenas")
+
+    async def prepare(self, state_dict: Mapping[str, Any]) -> None:
+        """Allocate and pre-fault the staging memory for ``state_dict``'s layout now.
+
+        Optional: call it once before the training loop and the first ``save()``
+        stalls no longer than the later ones (the arena's page faults happen
+        here instead). Nothing is saved. Slots that a save holds are left alone:
+        ``prepare()`` never shares a slot with a save. A later layout change
+        simply gets a new arena.
+        """
+        self._check_open()
+        assert self._daemons is not None
+        flat = await anyio.to_thread.run_sync(flatten, state_dict)
+        token = object()
+        taken: list[Slot] = []
+        try:
+            while (slot := self._slots.try_take(token)) is not None:
+                taken.append(slot)
+            for slot in taken:
+                await anyio.to_thread.run_sync(slot.fit, flat)
+                gen = self._daemons.current
+                if gen is not None and gen.alive:
+                    slot.announce(gen)
+                await anyio.to_thread.run_sync(slot.close_retired)
+        finally:
+            for slot in taken:
+                self._slots.give(slot, token)
+
+    def _next_step(self) -> int:
+        return max(self._high_step, max(self._reserved, default=-1)) + 1
+
+    def _reserve_step(self, step: int | None) -> int:
+        if step is None:
+            step = self._next_step()
+        elif step in self._reserved:
+            raise CheckpointExistsError(f"step {step} is already being saved")
+        self._reserved.add(step)
+        return step
+
+    def _skipped(self, step: int | None, t0: float) -> SaveHandle:
+        chosen = step if step is not None else self._next_step()
+        handle = SaveHandle(chosen)
+        handle._observed = True
+        self._emit(handle, "skipped", 0, 0)
+        handle._finish(
+            SaveResult(
+                chosen,
+                _storage.step_dir(self.root, chosen),
+                0,
+                time.perf_counter() - t0,
+                0.0,
+                skipped=True,
+            ),
+            None,
+        )
+        return handle
+
+
+def _cuda_stream() -> Any:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        return torch.cuda.current_stream()
+    return None
