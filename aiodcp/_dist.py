@@ -23,7 +23,14 @@ import torch.distributed as dist
 
 from ._errors import CheckpointError
 
-__all__ = ["DaemonAgreement", "Group", "Rendezvous", "broadcast_int", "resolve_group"]
+__all__ = [
+    "DaemonAgreement",
+    "Group",
+    "Rendezvous",
+    "broadcast_int",
+    "from_rank0",
+    "resolve_group",
+]
 
 
 @dataclass(frozen=True)
@@ -156,7 +163,7 @@ class DaemonAgreement:
                 )
 
 
-def _from_rank0(group: Group, obj: Any) -> Any:
+def from_rank0(group: Group, obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank (blocking collective)."""
     box: list[Any] = [obj]
     dist.broadcast_object_list(
@@ -167,5 +174,5 @@ def _from_rank0(group: Group, obj: Any) -> Any:
 
 def broadcast_int(group: Group, value: int | None) -> int | None:
     """Rank 0's ``value`` on every rank (blocking collective)."""
-    out: int | None = _from_rank0(group, value)
+    out: int | None = from_rank0(group, value)
     return out

@@ -14,7 +14,7 @@ import anyio
 import anyio.to_thread
 
 from . import _storage
-from ._dist import Group, resolve_group
+from ._dist import Group, from_rank0, resolve_group
 from ._errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -113,16 +113,6 @@ def _mismatch(state_dict: Mapping[str, Any], metadata: Any, step: int) -> Checkp
     )
 
 
-def _from_rank0(group: Group, obj: Any) -> Any:
-    import torch.distributed as dist
-
-    box: list[Any] = [obj]
-    dist.broadcast_object_list(
-        box, src=dist.get_global_rank(group.pg, 0), group=group.pg, device=group.device
-    )
-    return box[0]
-
-
 def _first_error(group: Group, err: CheckpointError | None) -> CheckpointError | None:
     """The lowest rank's error, on every rank (blocking collective)."""
     import torch.distributed as dist
@@ -165,7 +155,7 @@ def _load_blocking(
                 mine = _choose_step(root, step, verify, fallback)
             except CheckpointError as exc:
                 mine = exc
-        chosen = _from_rank0(group, mine)
+        chosen = from_rank0(group, mine)
         if isinstance(chosen, CheckpointError):
             raise chosen
         assert isinstance(chosen, int)

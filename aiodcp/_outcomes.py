@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import anyio
 import anyio.abc
@@ -19,7 +18,6 @@ import anyio.to_thread
 
 from . import _protocol as p
 from . import _storage
-from ._dist import Group
 from ._errors import (
     CheckpointCancelledError,
     CheckpointError,
@@ -28,8 +26,7 @@ from ._errors import (
 )
 from ._generation import Generation, describe_exit
 from ._handle import SaveEvent, SaveHandle, SaveResult
-from ._slots import SlotPool
-from ._supervisor import Supervisor
+from ._parts import Parts
 from ._watch import notify_commit
 
 log = logging.getLogger("aiodcp")
@@ -37,39 +34,7 @@ log = logging.getLogger("aiodcp")
 __all__ = ["Outcomes", "latest_on_disk"]
 
 
-class Outcomes:
-    # set by AsyncCheckpointer.__init__ / open
-    root: Path
-    when_busy: str
-    on_event: Callable[[SaveEvent], None] | None
-    _group: Group | None
-    _tg: anyio.abc.TaskGroup | None
-    _daemons: Supervisor | None
-    _slots: SlotPool
-    _inflight: set[SaveHandle]
-    _unobserved: list[SaveHandle]
-    _next_req: int
-    _high_step: int
-    _reserved: set[int]
-    _host_done: anyio.Event | None
-    _body_scope: anyio.CancelScope | None
-    preempted: int | None
-
-    if TYPE_CHECKING:  # provided by the other parts of AsyncCheckpointer
-
-        def _check_open(self) -> None:
-            raise NotImplementedError
-
-        def _spawn(self, fn: Callable[..., Awaitable[None]], *args: Any, name: str) -> None:
-            raise NotImplementedError
-
-        async def wait(self) -> None:
-            raise NotImplementedError
-
-        @property
-        def rank(self) -> int:
-            raise NotImplementedError
-
+class Outcomes(Parts):
     def _send_cancel(self, handle: SaveHandle) -> None:
         gen = handle._gen
         if gen is not None and handle._req_id in gen.pending:

@@ -7,61 +7,26 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import anyio
 import anyio.abc
 import anyio.lowlevel
 import anyio.to_thread
 
-from ._dist import Group
 from ._errors import (
     CheckpointError,
 )
-from ._handle import SaveEvent, SaveHandle
-from ._slots import SlotPool
-from ._supervisor import Supervisor
+from ._handle import SaveHandle
+from ._parts import Parts
 
 log = logging.getLogger("aiodcp")
 
 __all__ = ["Preemption"]
 
 
-class Preemption:
-    # set by AsyncCheckpointer.__init__ / open
-    root: Path
-    when_busy: str
-    on_event: Callable[[SaveEvent], None] | None
-    _group: Group | None
-    _tg: anyio.abc.TaskGroup | None
-    _daemons: Supervisor | None
-    _slots: SlotPool
-    _inflight: set[SaveHandle]
-    _unobserved: list[SaveHandle]
-    _next_req: int
-    _high_step: int
-    _reserved: set[int]
-    _host_done: anyio.Event | None
-    _body_scope: anyio.CancelScope | None
-    preempted: int | None
-
-    if TYPE_CHECKING:  # provided by the other parts of AsyncCheckpointer
-
-        def _check_open(self) -> None:
-            raise NotImplementedError
-
-        def _spawn(self, fn: Callable[..., Awaitable[None]], *args: Any, name: str) -> None:
-            raise NotImplementedError
-
-        async def wait(self) -> None:
-            raise NotImplementedError
-
-        @property
-        def rank(self) -> int:
-            raise NotImplementedError
-
+class Preemption(Parts):
     def handle_signals(
         self,
         *signals: int,

@@ -8,9 +8,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -20,70 +19,22 @@ import anyio.to_thread
 from . import _protocol as p
 from . import _storage
 from ._arena import memfd_with
-from ._dist import Group
 from ._errors import (
     CheckpointCancelledError,
     CheckpointExistsError,
-    WorkerDiedError,
 )
 from ._generation import Generation
-from ._handle import SaveEvent, SaveHandle, SaveResult
-from ._slots import CopyThread, Slot, SlotPool
+from ._handle import SaveHandle, SaveResult
+from ._parts import Parts
+from ._slots import CopyThread, Slot
 from ._staging import dumps_skeleton, flatten, gc_paused
-from ._supervisor import Supervisor
 
 log = logging.getLogger("aiodcp")
 
 __all__ = ["Saving"]
 
 
-class Saving:
-    # set by AsyncCheckpointer.__init__ / open
-    root: Path
-    when_busy: str
-    on_event: Callable[[SaveEvent], None] | None
-    _group: Group | None
-    _tg: anyio.abc.TaskGroup | None
-    _daemons: Supervisor | None
-    _slots: SlotPool
-    _inflight: set[SaveHandle]
-    _unobserved: list[SaveHandle]
-    _next_req: int
-    _high_step: int
-    _reserved: set[int]
-    _host_done: anyio.Event | None
-    _body_scope: anyio.CancelScope | None
-    preempted: int | None
-
-    if TYPE_CHECKING:  # provided by the other parts of AsyncCheckpointer
-
-        def _check_open(self) -> None:
-            raise NotImplementedError
-
-        def _spawn(self, fn: Callable[..., Awaitable[None]], *args: Any, name: str) -> None:
-            raise NotImplementedError
-
-        async def wait(self) -> None:
-            raise NotImplementedError
-
-        @property
-        def rank(self) -> int:
-            raise NotImplementedError
-
-        def _finish(
-            self, handle: SaveHandle, result: SaveResult | None, error: BaseException | None
-        ) -> bool:
-            raise NotImplementedError
-
-        def _emit(self, handle: SaveHandle, phase: Any, written: int, total: int) -> None:
-            raise NotImplementedError
-
-        def _died_error(self, gen: Generation, step: int | None) -> WorkerDiedError:
-            raise NotImplementedError
-
-        def _send_cancel(self, handle: SaveHandle) -> None:
-            raise NotImplementedError
-
+class Saving(Parts):
     async def save(
         self,
         state_dict: Mapping[str, Any],
