@@ -114,15 +114,15 @@ def _mismatch(state_dict: Mapping[str, Any], metadata: Any, step: int) -> Checkp
 
 
 def _first_error(group: Group, err: CheckpointError | None) -> CheckpointError | None:
-    """The lowest rank's error, on every rank (blocking collective)."""
+    """The lowest rank's error, word for word the same on every rank (blocking
+    collective); it says which rank found it."""
     import torch.distributed as dist
 
     every: list[Any] = [None] * group.world_size
     dist.all_gather_object(every, err, group=group.pg)
     for rank, e in enumerate(every):
         if e is not None:
-            if rank != group.rank:
-                e.args = (f"rank {rank}: {e}",)
+            e.args = (f"rank {rank}: {e}",)
             assert isinstance(e, CheckpointError)
             return e
     return None

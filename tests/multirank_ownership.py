@@ -85,6 +85,8 @@ async def scenarios() -> None:
         # restart daemons with slow writes: kill rank 1's, the agreement restarts both
         if rank == 1:
             os.kill(ckpt.worker_pid, signal.SIGKILL)
+            while ckpt.worker_pid is not None:  # noqa: ASYNC110  (the parent saw it die)
+                await asyncio.sleep(0.01)
         dist.barrier()
         handle = await ckpt.save(state(4.0, n=40), step=3)  # ~2 s of slow writes
         victim = ckpt.worker_pid
@@ -122,6 +124,20 @@ async def scenarios() -> None:
         await (await ckpt.save(many, step=5))
         await load_equal(ckpt, many, 5)
         ok("twenty-thousand-tensors")
+
+        # issue 9: a state dict that does not fit is the same typed error on every rank
+        wrong = {k: torch.zeros(v.shape) for k, v in state(5.0).items()}
+        wrong["t0"] = torch.zeros(7)  # another shape
+        wrong["extra"] = torch.zeros(1)  # a key the checkpoint lacks
+        try:
+            await ckpt.load(wrong, step=4)
+            raise AssertionError("should not load")
+        except aiodcp.CheckpointMismatchError as exc:
+            message = str(exc)
+            assert exc.missing == ("extra",) and "t0" in exc.mismatched, exc
+        messages = gather(message)
+        assert messages[0] == messages[1], messages
+        ok("mismatch-is-typed-on-every-rank")
 
     # obs 14: the agreement waits in a thread the caller can cancel, bounded by
     # collective_timeout, with typed errors; rank 1 never comes to these saves.
