@@ -394,7 +394,7 @@ _ALLOWED: Final[dict[tuple[State, Role], frozenset[Kind]]] = {
         {Kind.ARENA, Kind.RELEASE_ARENA, Kind.SAVE, Kind.CANCEL, Kind.TERMINATE}
     ),
     (State.SERVING, _D): frozenset({Kind.PROGRESS, Kind.SAVED, Kind.SAVE_FAILED, Kind.LOG}),
-    (State.TERMINATING, _P): frozenset(),
+    (State.TERMINATING, _P): frozenset({Kind.CANCEL}),  # cancel while closing
     (State.TERMINATING, _D): frozenset({Kind.PROGRESS, Kind.SAVED, Kind.SAVE_FAILED, Kind.LOG}),
 }
 

@@ -115,6 +115,7 @@ def test_terminate_then_clean_eof() -> None:
     assert parent.state is p.State.TERMINATING
     with pytest.raises(ProtocolError):
         parent.send(p.Save(1, 1, 1, 10))
+    _deliver(parent, daemon, p.Cancel(0))  # a user may still cancel while it closes
     _deliver(daemon, parent, p.SaveFailed(0, "E", "cancelled", cancelled=True))
     parent.receive_data(b"")
     assert parent.next_event() == p.Closed(clean=True)
