@@ -27,7 +27,7 @@ from ._generation import Generation
 from ._handle import SaveHandle, SaveResult
 from ._parts import Parts
 from ._slots import CopyThread, Slot
-from ._staging import dumps_skeleton, flatten, gc_paused
+from ._staging import dumps_skeleton, flatten, gc_paused, quick_switching
 
 log = logging.getLogger("aiodcp")
 
@@ -166,7 +166,9 @@ class Saving(Parts):
         step = handle.step
         if not overwrite and _storage.step_dir(self.root, step).exists():
             raise CheckpointExistsError(f"step {step} already exists in {self.root}")
-        with gc_paused():  # else a full collection can hold the GIL for 100s of ms
+        # No GC pass (a full collection can hold the GIL for 100s of ms), and short
+        # GIL switch intervals, while this thread runs Python code per tensor.
+        with gc_paused(), quick_switching():
             flat = flatten(state_dict)
             slot = handle._slot
             arena = slot.fit(flat)
