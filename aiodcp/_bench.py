@@ -31,9 +31,10 @@ METHODS = {
     "thread": "dcp.async_save THREAD",
     "process": "dcp.async_save PROCESS",
     "aiodcp": "aiodcp",
+    "overlap": "aiodcp overlap=True",
 }
-Sample = tuple[float, float, float]  # stall, end-to-end, max loop lag
-Measure = Callable[[], Awaitable[tuple[float, float]]]
+Sample = tuple[float, float, float, float]  # stall, end-to-end, max loop lag, staged
+Measure = Callable[[], Awaitable[tuple[float, float, float]]]  # stall, end-to-end, staged
 
 
 def _adamw(params: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -130,7 +131,7 @@ def _floors(state: Any, directory: Path) -> tuple[float, float]:
 
 
 async def _lagged(fn: Measure) -> Sample:
-    """Run ``fn`` (-> stall, end-to-end) while a ticker measures the loop's worst lag."""
+    """Run ``fn`` (-> stall, end-to-end, staged) while a ticker measures the loop's worst lag."""
     lag = 0.0
     done = asyncio.Event()
 
@@ -144,11 +145,11 @@ async def _lagged(fn: Measure) -> Sample:
     task = asyncio.ensure_future(ticker())
     await asyncio.sleep(0.01)
     try:
-        stall, e2e = await fn()
+        stall, e2e, staged = await fn()
     finally:
         done.set()
         await task
-    return stall, e2e, lag
+    return stall, e2e, lag, staged
 
 
 def interleaved(names: list[str], rounds: int) -> list[list[str]]:
@@ -157,8 +158,8 @@ def interleaved(names: list[str], rounds: int) -> list[list[str]]:
 
 
 def _medians(samples: list[Sample]) -> Sample:
-    stall, e2e, lag = (statistics.median(x) for x in zip(*samples, strict=True))
-    return stall, e2e, lag
+    stall, e2e, lag, staged = (statistics.median(x) for x in zip(*samples, strict=True))
+    return stall, e2e, lag, staged
 
 
 def _pss(pid: int) -> int:
@@ -193,29 +194,31 @@ async def _run(
     def ckpt_dir() -> Path:
         return directory / f"dcp-{next(counter)}"
 
-    async def sync_save() -> tuple[float, float]:
+    async def sync_save() -> tuple[float, float, float]:
         t = time.perf_counter()
         dcp_save(state, checkpoint_id=ckpt_dir())
         d = time.perf_counter() - t
-        return d, d
+        return d, d, d
 
     def async_kind(kind: AsyncCheckpointerType) -> Measure:
-        async def run() -> tuple[float, float]:
+        async def run() -> tuple[float, float, float]:
             t = time.perf_counter()
             fut: Any = async_save(state, checkpoint_id=ckpt_dir(), async_checkpointer_type=kind)
             stall = time.perf_counter() - t
             await asyncio.wrap_future(fut)
-            return stall, time.perf_counter() - t
+            return stall, time.perf_counter() - t, stall
 
         return run
 
-    def ours_in(ckpt: aiodcp.AsyncCheckpointer) -> Measure:
-        async def run() -> tuple[float, float]:
+    def ours_in(ckpt: aiodcp.AsyncCheckpointer, overlap: bool = False) -> Measure:
+        async def run() -> tuple[float, float, float]:
             t = time.perf_counter()
-            handle = await ckpt.save(state)
+            handle = await ckpt.save(state, overlap=overlap)
             stall = time.perf_counter() - t
+            await handle.staged()
+            staged = time.perf_counter() - t
             await handle
-            return stall, time.perf_counter() - t
+            return stall, time.perf_counter() - t, staged
 
         return run
 
@@ -246,6 +249,7 @@ async def _run(
     try:
         async with aiodcp.AsyncCheckpointer(directory / "aiodcp", keep_last=2) as ckpt:
             fns["aiodcp"] = ours_in(ckpt)
+            fns["overlap"] = ours_in(ckpt, overlap=True)
             for m in methods:  # warm-up: PROCESS spawns its daemon, aiodcp maps its arena
                 if m in ("process", "aiodcp") and (sample := await attempt(m)) is not None:
                     first[m] = sample
@@ -254,7 +258,7 @@ async def _run(
                     if (sample := await attempt(m)) is not None:
                         samples[m].append(sample)
                 await _clear(directory)
-            if "aiodcp" in failed:
+            if "aiodcp" in failed or "overlap" in failed:
                 raise _Abandon  # leaving by an exception cancels a stuck save, not awaits it
     except _Abandon:
         pass
@@ -307,21 +311,25 @@ def _report(
         f"  floors: copy into preallocated {copy:.3f}s, write+fdatasync {write_bps / MiB:.0f} MiB/s"
     )
     print(
-        f"  {'method':<26}{'stall s':>9}{'end-to-end s':>14}{'max loop lag ms':>17}"
-        f"{'persist MiB/s':>15}"
+        f"  {'method':<26}{'stall s':>9}{'staged s':>10}{'end-to-end s':>14}"
+        f"{'max loop lag ms':>17}{'persist MiB/s':>15}"
     )
     for name, row in rows:
         if isinstance(row, str):
             print(f"  {name:<26}{row}")
             continue
-        stall, e2e, lag = row
-        persist = f"{nbytes / (e2e - stall) / MiB:.0f}" if e2e - stall > 1e-3 else "-"
-        print(f"  {name:<26}{stall:>9.3f}{e2e:>14.3f}{lag * 1e3:>17.1f}{persist:>15}")
+        stall, e2e, lag, staged = row
+        persist = f"{nbytes / (e2e - staged) / MiB:.0f}" if e2e - staged > 1e-3 else "-"
+        print(
+            f"  {name:<26}{stall:>9.3f}{staged:>10.3f}{e2e:>14.3f}{lag * 1e3:>17.1f}{persist:>15}"
+        )
     by = {name: row for name, row in rows if not isinstance(row, str)}
     ours, proc, sync = by.get("aiodcp"), by.get("dcp.async_save PROCESS"), by.get("dcp.save (sync)")
-    ours_bps = nbytes / (ours[1] - ours[0]) if ours and ours[1] - ours[0] > 1e-3 else None
+    ours_bps = nbytes / (ours[1] - ours[3]) if ours and ours[1] - ours[3] > 1e-3 else None
+    over = by.get(METHODS["overlap"])
     print(
         f"  ratios: aiodcp stall / PROCESS stall {_ratio(ours and ours[0], proc and proc[0])}, "
+        f"aiodcp overlap=True stall / PROCESS stall {_ratio(over and over[0], proc and proc[0])}, "
         f"aiodcp stall / copy floor {_ratio(ours and ours[0], copy)}, "
         f"aiodcp persist / fdatasync floor {_ratio(ours_bps, write_bps)}, "
         f"aiodcp end-to-end / sync {_ratio(ours and ours[1], sync and sync[1])}"
@@ -350,8 +358,8 @@ def main(args: argparse.Namespace, error: Callable[[str], NoReturn]) -> int:
     """``aiodcp bench`` (its arguments are declared in ``_cli``; ``error`` is usage error)."""
     import torch.distributed as dist
 
-    methods = [m for m in args.methods.split(",") if m]
-    if bad := [m for m in methods if m not in METHODS]:
+    methods = [m for m in (args.methods or ",".join(METHODS)).split(",") if m]
+    if not args.train and (bad := [m for m in methods if m not in METHODS]):
         error(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
     if args.shape and args.sizes:
         error("--sizes is big16 at several sizes; use --shape with --mib")

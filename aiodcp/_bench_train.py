@@ -36,7 +36,11 @@ METHODS = {
     "stager": "PROCESS + DefaultStager(async)",
     "aiodcp": "aiodcp",
     "overlap": "aiodcp overlap=True + guard",
+    "nice": "aiodcp daemon_niceness=10",
+    "thread1": "aiodcp thread_count=1",
 }
+DEFAULT_METHODS = ("none", "sync", "thread", "process", "stager", "aiodcp", "overlap")
+_OPTIONS: dict[str, dict[str, int]] = {"nice": {"daemon_niceness": 10}, "thread1": {"thread_count": 1}}
 
 
 class _Block(torch.nn.Module):
@@ -144,10 +148,10 @@ async def _saver(method: str, state: dict[str, Any], root: Path) -> AsyncIterato
     if method == "none":
         yield _Saver()
         return
-    if method in ("aiodcp", "overlap"):
+    if method in ("aiodcp", "overlap", *_OPTIONS):
         from ._checkpointer import AsyncCheckpointer
 
-        async with AsyncCheckpointer(root, keep_last=2) as ckpt:
+        async with AsyncCheckpointer(root, keep_last=2, **_OPTIONS.get(method, {})) as ckpt:
             ours = _Ours(ckpt, state, overlap=method == "overlap")
             await ours.save(0)
             await ours.drain()
@@ -214,7 +218,12 @@ def main(args: argparse.Namespace, base: Path) -> int:
         t.nbytes for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)
     )
     have_overlap = overlap_available()
-    methods = [m for m in METHODS if have_overlap or m != "overlap"]
+    wanted = args.methods.split(",") if args.methods else DEFAULT_METHODS
+    if bad := [m for m in wanted if m not in METHODS]:
+        raise SystemExit(f"unknown training method(s) {bad}; choose from {', '.join(METHODS)}")
+    methods = [m for m in METHODS if m in wanted and (have_overlap or m != "overlap")]
+    if "none" not in methods:
+        methods.insert(0, "none")
     x = torch.randn(args.batch, d)
     t = time.perf_counter()
     for _ in range(3):
@@ -244,6 +253,9 @@ def main(args: argparse.Namespace, base: Path) -> int:
         print(f"  {'method':<32}{'loop s':>8}{'vs none':>9}{'overhead s':>12}{'durable s':>11}")
         over: dict[str, float | None] = {}
         for m, name in METHODS.items():
+            if m not in wanted and m != "none":
+                over[m] = None
+                continue
             if m not in med:
                 print(f"  {name:<32}{'n/a':>8}   (AsyncCheckpointer.save has no overlap= yet)")
                 over[m] = None
@@ -260,6 +272,12 @@ def main(args: argparse.Namespace, base: Path) -> int:
             f", aiodcp overlap overhead / DefaultStager overhead "
             f"{_ratio(over['overlap'], over['stager'], noise)}"
         )
+        for m in _OPTIONS:
+            if over[m] is not None:
+                print(
+                    f"  {METHODS[m]} overhead / aiodcp overhead "
+                    f"{_ratio(over[m], over['aiodcp'], noise)}"
+                )
     return 0
 
 

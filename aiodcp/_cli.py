@@ -229,7 +229,12 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mib", type=int, default=None, help="state size in MiB (default per shape)")
     p.add_argument("--sizes", default=None, help="big16 at these MiB, comma-separated")
     p.add_argument("--rounds", "--saves", type=int, default=3, help="interleaved rounds")
-    p.add_argument("--methods", default="sync,thread,process,aiodcp", help="a subset of these")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="a subset of sync,thread,process,aiodcp,overlap (all by default); with --train"
+        " of none,sync,thread,process,stager,aiodcp,overlap,nice,thread1",
+    )
     p.add_argument("--mem", action="store_true", help="aiodcp host memory (PSS) over many saves")
     p.add_argument("--rss-saves", type=int, default=20, help="aiodcp saves for --mem")
     p.add_argument("--save-timeout", type=float, default=120, help="seconds before a method fails")

@@ -72,10 +72,12 @@ def test_shape_run_prints_every_row_and_ratio(tmp_path: Path) -> None:
         "aiodcp  ",
         "aiodcp first save",
         "aiodcp first, prepare()d",
+        "aiodcp overlap=True",
         "floors: copy into preallocated",
     ):
         assert row in out, out
     assert "ratios: aiodcp stall / PROCESS stall" in out
+    assert "aiodcp overlap=True stall / PROCESS stall" in out
     assert "aiodcp stall / copy floor" in out and "fdatasync floor" in out
     assert "after 3 saves" in out
     assert "failed" not in out
