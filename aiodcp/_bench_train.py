@@ -40,7 +40,10 @@ METHODS = {
     "thread1": "aiodcp thread_count=1",
 }
 DEFAULT_METHODS = ("none", "sync", "thread", "process", "stager", "aiodcp", "overlap")
-_OPTIONS: dict[str, dict[str, int]] = {"nice": {"daemon_niceness": 10}, "thread1": {"thread_count": 1}}
+_OPTIONS: dict[str, dict[str, Any]] = {
+    "nice": {"daemon_niceness": 10},
+    "thread1": {"thread_count": 1},
+}
 
 
 class _Block(torch.nn.Module):

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import _storage
+from . import _manifest, _storage
 from ._errors import CheckpointError
 
 
@@ -71,7 +71,7 @@ def _inspect(args: argparse.Namespace) -> int:
         step = args.step if args.step is not None else _storage.read_latest(root)
         if step is None:
             raise CheckpointError(f"no committed checkpoint in {root}")
-        metadata = _storage.verify(_storage.step_dir(root, step), checksums=False)
+        metadata = _manifest.verify(_storage.step_dir(root, step), checksums=False)
     except CheckpointError as exc:
         print(f"aiodcp: {exc}", file=sys.stderr)
         return 1
@@ -127,8 +127,8 @@ def _verify(args: argparse.Namespace) -> int:
         try:
             if not _storage.is_committed(root, step):
                 raise CheckpointError(f"step {step} is not committed in {root}")
-            manifest = _storage.read_manifest(path)
-            _storage.verify(path, checksums=True)
+            manifest = _manifest.read_manifest(path)
+            _manifest.verify(path, checksums=True)
             row["checked"] = "checksums" if manifest is not None else "sizes (no aiodcp manifest)"
         except CheckpointError as exc:
             row.update(ok=False, error=str(exc), file=getattr(exc, "file", None))

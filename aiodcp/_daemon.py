@@ -48,7 +48,7 @@ from typing import Any
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from . import _protocol as p
-from . import _storage
+from . import _retention, _storage
 from ._arena import MappedArena, read_fd
 from ._errors import ProtocolError
 from ._protocol import DaemonConfig as Config
@@ -484,7 +484,7 @@ class Daemon:
         if self.cfg.rank != 0 or self.cfg.keep_last is None:
             return
         try:
-            deleted = _storage.apply_retention(self.root, self.cfg.keep_last, self.cfg.keep_every)
+            deleted = _retention.apply_retention(self.root, self.cfg.keep_last, self.cfg.keep_every)
             if deleted:
                 log.info("retention deleted steps %s", deleted)
         except Exception as exc:

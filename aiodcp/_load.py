@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from . import _storage
+from . import _manifest, _retention, _storage
 from ._dist import Group, from_rank0, resolve_group
 from ._errors import (
     CheckpointCorruptError,
@@ -36,14 +36,14 @@ def _choose_step(root: Path, step: int | None, verify: bool, fallback: bool) -> 
     if step is not None:
         if not _storage.is_committed(root, step):
             raise CheckpointNotFoundError(f"step {step} is not committed in {root}")
-        _storage.verify(_storage.step_dir(root, step), checksums=verify)
+        _manifest.verify(_storage.step_dir(root, step), checksums=verify)
         return step
     steps = _storage.list_steps(root)
     if not steps:
         raise CheckpointNotFoundError(f"no committed checkpoint in {root}")
     for candidate in reversed(steps):
         try:
-            _storage.verify(_storage.step_dir(root, candidate), checksums=verify)
+            _manifest.verify(_storage.step_dir(root, candidate), checksums=verify)
             return candidate
         except (CheckpointCorruptError, CheckpointNotFoundError) as exc:
             if not fallback:
@@ -167,7 +167,7 @@ def _load_blocking(
     try:
         err: CheckpointError | None
         try:
-            metadata = _storage.verify(path, checksums=False)  # cheap; gives the metadata
+            metadata = _manifest.verify(path, checksums=False)  # cheap; gives the metadata
             err = _mismatch(state_dict, metadata, step)
         except CheckpointError as exc:
             err = exc
@@ -188,7 +188,7 @@ def _load_blocking(
             raise CheckpointError(f"loading {path} failed: {type(exc).__name__}: {exc}") from exc
     finally:
         if lease is not None:
-            _storage.release_hold(root, lease)
+            _retention.release_hold(root, lease)
     return step
 
 
@@ -196,7 +196,7 @@ def _try_hold(root: Path, step: int) -> int | None:
     """Lease the step while loading, where the root is writable (read-only roots skip it)."""
     if not os.access(root, os.W_OK):
         return None
-    return _storage.hold_step(root, step)
+    return _retention.hold_step(root, step)
 
 
 async def load_checkpoint(
@@ -269,9 +269,9 @@ async def hold(root: str | os.PathLike[str], step: int) -> AsyncIterator[int]:
         CheckpointNotFoundError: the step is not committed (or was just deleted).
     """
     path = await anyio.to_thread.run_sync(_storage.abspath, root)
-    fd = await anyio.to_thread.run_sync(_storage.hold_step, path, step)
+    fd = await anyio.to_thread.run_sync(_retention.hold_step, path, step)
     try:
         yield step
     finally:
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(_storage.release_hold, path, fd)
+            await anyio.to_thread.run_sync(_retention.release_hold, path, fd)

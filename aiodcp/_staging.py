@@ -129,7 +129,9 @@ class _List(list):  # type: ignore[type-arg]
 
 
 def _one_by_one(items: Iterable[Any]) -> Iterator[Any]:
-    for item in items:  # a plain ``yield`` (not ``yield from``): the GIL may pass here
+    # A plain ``yield`` (not ``yield from``): CPython checks for a pending GIL
+    # hand-off when the generator resumes after a ``yield``.
+    for item in items:  # noqa: UP028
         yield item
 
 

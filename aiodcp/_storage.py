@@ -28,29 +28,27 @@ block; callers in the parent run them in worker threads.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import errno
 import fcntl
-import json
 import os
-import pickle
 import re
 import shutil
 import signal
 import uuid
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import xxhash
-
-from ._errors import (
-    CheckpointCorruptError,
-    CheckpointError,
-    CheckpointExistsError,
-    CheckpointNotFoundError,
+from ._errors import CheckpointError, CheckpointExistsError
+from ._manifest import (
+    MANIFEST,
+    METADATA,
+    hash_files,
+    needed_files,
+    read_manifest,
+    verify,
+    write_manifest,
 )
 
 __all__ = [
@@ -61,27 +59,17 @@ __all__ = [
     "HOLDS_DIR",
     "LATEST",
     "WriterLock",
-    "apply_retention",
     "cleanup_leftovers",
     "commit",
-    "hold_step",
     "list_steps",
     "read_latest",
-    "retention_victims",
     "step_dir",
     "tmp_dir",
-    "verify",
     "reconcile",
     "is_committed",
     "is_managed",
-    "file_digest",
-    "write_manifest",
-    "read_manifest",
-    "MANIFEST",
-    "release_hold",
     "write_latest",
     "fsync_dir",
-    "METADATA",
 ]
 
 STEP_RE = re.compile(r"^step_(\d+)$")
@@ -91,10 +79,6 @@ LATEST = "latest"
 COMMITS = ".commits"
 HOLDS_DIR = ".holds"
 LOCK = ".lock"
-METADATA = ".metadata"
-MANIFEST = ".aiodcp-manifest.json"
-MANIFEST_FORMAT = "aiodcp-manifest"
-MANIFEST_VERSION = 1
 # Test-only hook: the committing process SIGKILLs itself at this point of commit()
 # (before_rename, after_rename, after_latest, after_log). Never set it in production.
 KILL_AT_ENV = "AIODCP_TEST_KILL_AT"
@@ -232,7 +216,7 @@ def commit(root: Path, tmp: Path, step: int, *, overwrite: bool) -> Path:
         raise CheckpointError(f"refusing to commit {tmp}: it has no {METADATA}")
     verify(tmp, checksums=False, step=step)
     if read_manifest(tmp, step=step) is None:
-        write_manifest(tmp, step, _hash_files(tmp, _needed_files(tmp)))
+        write_manifest(tmp, step, hash_files(tmp, needed_files(tmp)))
     _fsync_tree(tmp)
     final = step_dir(root, step)
     _fault_point("before_rename")
@@ -371,265 +355,3 @@ class WriterLock:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-# ---------------------------------------------------------------- holds, retention
-@contextlib.contextmanager
-def _holds_lock(root: Path) -> Iterator[Path]:
-    holds = root / HOLDS_DIR
-    holds.mkdir(exist_ok=True)
-    fd = os.open(holds / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield holds
-    finally:
-        os.close(fd)
-
-
-def hold_step(root: Path, step: int) -> int:
-    """Take a lease on ``step``; returns the lease's fd (close it to release).
-
-    The lease is a shared ``flock`` on a file in ``.holds``: it lives exactly as
-    long as the holder's descriptor, so a crashed reader never pins a step.
-    """
-    with _holds_lock(root) as holds:
-        if not (step_dir(root, step) / METADATA).is_file():
-            raise CheckpointNotFoundError(f"step {step} is not committed in {root}")
-        lease = holds / f"step_{step}.{os.getpid()}.{uuid.uuid4().hex}"
-        fd = os.open(lease, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        return fd
-
-
-def release_hold(root: Path, fd: int) -> None:
-    path = os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else None
-    os.close(fd)
-    if path:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
-def _is_held(holds: Path, step: int) -> bool:
-    held = False
-    for lease in holds.glob(f"step_{step}.*"):
-        try:
-            fd = os.open(lease, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            held = True
-        else:
-            lease.unlink(missing_ok=True)  # its holder is gone
-        finally:
-            os.close(fd)
-    return held
-
-
-def retention_victims(
-    steps: Iterable[int], keep_last: int | None, keep_every: int | None
-) -> list[int]:
-    """Which committed steps retention would delete (pure)."""
-    ordered = sorted(steps)
-    if keep_last is None:
-        return []
-    keep = set(ordered[-keep_last:]) if keep_last > 0 else set()
-    if keep_every:
-        keep |= {s for s in ordered if s % keep_every == 0}
-    return [s for s in ordered if s not in keep]
-
-
-def apply_retention(root: Path, keep_last: int | None, keep_every: int | None) -> list[int]:
-    """Delete committed steps outside the policy, sparing those a reader holds.
-
-    Only steps aiodcp committed (with its manifest) count and are deleted; a plain
-    DCP directory under the root is left alone.
-    """
-    managed = [s for s in list_steps(root) if is_managed(root, s)]
-    victims = retention_victims(managed, keep_last, keep_every)
-    if not victims:
-        return []
-    doomed: list[tuple[int, Path]] = []
-    with _holds_lock(root) as holds:
-        for step in victims:
-            if _is_held(holds, step):
-                continue
-            trash = root / f"{TRASH_PREFIX}step_{step}-{uuid.uuid4().hex}"
-            os.rename(step_dir(root, step), trash)
-            doomed.append((step, trash))
-    if doomed:
-        fsync_dir(root)
-    for _, trash in doomed:
-        shutil.rmtree(trash, ignore_errors=True)
-    return [s for s, _ in doomed]
-
-
-# ----------------------------------------------------------------- verification
-_HASH_CHUNK = 8 << 20
-
-
-def file_digest(path: Path) -> tuple[int, str]:
-    """``(size, xxh3_64 hex)`` of a file's bytes, read in 8 MiB chunks."""
-    h = xxhash.xxh3_64()
-    buf = bytearray(_HASH_CHUNK)
-    view = memoryview(buf)
-    size = 0
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-            size += n
-    return size, h.hexdigest()
-
-
-def _hash_files(path: Path, names: Iterable[str]) -> dict[str, tuple[int, str]]:
-    return {name: file_digest(path / name) for name in sorted({*names, METADATA})}
-
-
-def write_manifest(path: Path, step: int, files: dict[str, tuple[int, str]]) -> None:
-    """Write ``path/.aiodcp-manifest.json`` (format, step, size and xxh3_64 per file) durably."""
-    doc = {
-        "format": MANIFEST_FORMAT,
-        "version": MANIFEST_VERSION,
-        "step": step,
-        "hash": "xxh3_64",
-        "files": {
-            name: {"size": size, "xxh3_64": digest} for name, (size, digest) in files.items()
-        },
-    }
-    tmp = path / f"{MANIFEST}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path / MANIFEST)
-
-
-def _step_of(path: Path) -> int | None:
-    m = re.search(r"step_(\d+)", path.name)
-    return int(m.group(1)) if m else None
-
-
-def read_manifest(path: Path, *, step: int | None = None) -> dict[str, tuple[int, str]] | None:
-    """``{file: (size, xxh3_64 hex)}`` from the step's manifest; None if it has none
-    (a plain DCP directory). Raises :class:`CheckpointCorruptError` if it is unreadable."""
-    step = _step_of(path) if step is None else step
-    try:
-        with open(path / MANIFEST, "rb") as f:
-            doc = json.loads(f.read())
-        if doc.get("format") != MANIFEST_FORMAT or not isinstance(doc.get("files"), dict):
-            raise ValueError("not an aiodcp manifest")
-        if doc.get("version") != MANIFEST_VERSION:
-            raise ValueError(f"unknown manifest version {doc.get('version')!r}")
-        if step is not None and doc.get("step") != step:
-            raise ValueError(f"it is the manifest of step {doc.get('step')}")
-        return {str(name): (int(e["size"]), str(e["xxh3_64"])) for name, e in doc["files"].items()}
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise CheckpointCorruptError(
-            f"step {step}: {MANIFEST} in {path} is unreadable: {exc}", step=step, file=MANIFEST
-        ) from None
-
-
-def _load_metadata(path: Path, step: int | None) -> Any:
-    meta_path = path / METADATA
-    try:
-        with open(meta_path, "rb") as f:
-            return pickle.load(f)
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(f"{meta_path} is missing") from None
-    except Exception as exc:
-        raise CheckpointCorruptError(
-            f"step {step}: {meta_path} is unreadable: {exc}", step=step, file=METADATA
-        ) from exc
-
-
-def _needed_bytes(metadata: Any, step: int | None) -> dict[str, int]:
-    """File -> bytes it must hold, from ``.metadata``; every declared chunk must have a
-    storage entry (a writer thread that failed silently leaves some without one)."""
-    from torch.distributed.checkpoint.metadata import MetadataIndex
-
-    storage = getattr(metadata, "storage_data", None) or {}
-    for fqn, md in sorted((getattr(metadata, "state_dict_metadata", None) or {}).items()):
-        chunks = getattr(md, "chunks", None)
-        keys = [(fqn, tuple(c.offsets)) for c in chunks] if chunks is not None else [(fqn, None)]
-        for key_fqn, offsets in keys:
-            if MetadataIndex(key_fqn, offsets) not in storage:
-                where = "" if offsets is None else f" at offset {list(offsets)}"
-                raise CheckpointCorruptError(
-                    f"step {step}: {METADATA} declares {key_fqn!r}{where} "
-                    "but no file holds it (a writer failed)",
-                    step=step,
-                    file=METADATA,
-                )
-    needed: dict[str, int] = {}
-    for info in storage.values():
-        rel = getattr(info, "relative_path", None)
-        if rel is None:
-            continue
-        needed[rel] = max(needed.get(rel, 0), int(info.offset) + int(info.length))
-    return needed
-
-
-def _needed_files(path: Path) -> list[str]:
-    return sorted(_needed_bytes(_load_metadata(path, _step_of(path)), _step_of(path)))
-
-
-def verify(path: Path, *, checksums: bool, step: int | None = None) -> Any:
-    """Check a step directory against what was committed; return its DCP metadata.
-
-    Always: the manifest's files have their committed sizes, every chunk
-    ``.metadata`` declares has a storage entry, every file it names is there and
-    long enough. With ``checksums``: every file in the manifest hashes to its
-    committed xxh3_64 (reads the whole step). A directory without aiodcp's
-    manifest (plain ``dcp.save``) gets the ``.metadata`` checks only.
-
-    Raises:
-        CheckpointCorruptError: naming the step and the first file that differs.
-        CheckpointNotFoundError: ``.metadata`` is missing (not a checkpoint).
-    """
-    step = _step_of(path) if step is None else step
-    manifest = read_manifest(path, step=step)
-    for name, (size, digest) in sorted((manifest or {}).items()):
-        file = path / name
-        try:
-            actual = file.stat().st_size
-        except FileNotFoundError:
-            if name == METADATA:
-                raise CheckpointNotFoundError(f"{file} is missing") from None
-            raise CheckpointCorruptError(
-                f"step {step}: checkpoint file {file} is missing", step=step, file=name
-            ) from None
-        if actual != size:
-            how = "truncated" if actual < size else "longer than committed"
-            raise CheckpointCorruptError(
-                f"step {step}: checkpoint file {file} is {how}: {actual} bytes, committed {size}",
-                step=step,
-                file=name,
-            )
-        if checksums and file_digest(file)[1] != digest:
-            raise CheckpointCorruptError(
-                f"step {step}: checkpoint file {file} is corrupt: its xxh3_64 checksum "
-                f"differs from the one committed ({digest})",
-                step=step,
-                file=name,
-            )
-    metadata = _load_metadata(path, step)
-    for rel, size in sorted(_needed_bytes(metadata, step).items()):
-        file = path / rel
-        try:
-            actual = file.stat().st_size
-        except FileNotFoundError:
-            raise CheckpointCorruptError(
-                f"step {step}: checkpoint file {file} is missing", step=step, file=rel
-            ) from None
-        if actual < size:
-            raise CheckpointCorruptError(
-                f"step {step}: checkpoint file {file} is truncated: {actual} bytes, "
-                f"metadata needs {size}",
-                step=step,
-                file=rel,
-            )
-    return metadata

@@ -12,7 +12,7 @@ only printed by ``threading.excepthook``, its files' entries are missing from
   first one, so any writer's failure fails the save;
 * every byte is hashed (xxh3_64) as it is written; the digests travel with the
   write results to the coordinator, whose ``finish`` writes ``.metadata`` and then
-  the step's manifest (:func:`aiodcp._storage.write_manifest`), so the commit needs
+  the step's manifest (:func:`aiodcp._manifest.write_manifest`), so the commit needs
   no second read of the data.
 
 Call order (as DCP documents for a ``StorageWriter``): ``write_data`` on every
@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.planner import SavePlanner, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from . import _storage
+from . import _manifest
 
 __all__ = ["FileDigest", "VerifiedWriter", "save"]
 
@@ -216,8 +216,8 @@ class VerifiedWriter(FileSystemWriter):
                     kept[-1].append(wr)
         super().finish(metadata, kept)
         path = Path(self.path)
-        digests[_storage.METADATA] = _storage.file_digest(path / _storage.METADATA)
-        _storage.write_manifest(path, self.step, digests)
+        digests[_manifest.METADATA] = _manifest.file_digest(path / _manifest.METADATA)
+        _manifest.write_manifest(path, self.step, digests)
 
 
 def save(state: dict[str, Any], *, writer: VerifiedWriter, planner: Any, rank: int, pg: Any) -> Any:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import aiodcp
+from aiodcp import _manifest
 from aiodcp import _storage as s
 
 pytestmark = pytest.mark.asyncio
@@ -78,7 +79,7 @@ async def test_kill_at_each_commit_step_then_reconcile(root: Path, point: str) -
         if renamed:
             assert await anyio.to_thread.run_sync(s.is_committed, root, 1)
             path = s.step_dir(root, 1)
-            await anyio.to_thread.run_sync(lambda: s.verify(path, checksums=True))
+            await anyio.to_thread.run_sync(lambda: _manifest.verify(path, checksums=True))
         async with aiodcp.AsyncCheckpointer(root) as ckpt:  # cleans the leftover
             nxt = (await (await ckpt.save({"x": torch.ones(100)}))).step
         assert nxt == (2 if renamed else 1)

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import os
+import pickle
+import sys
 import threading
+import time
 
 import pytest
 import torch
 
 from aiodcp._arena import Arena, MappedArena
-from aiodcp._staging import PickledLeaf, TensorSpec, flatten, rebuild
+from aiodcp._staging import (
+    PickledLeaf,
+    TensorSpec,
+    dumps_skeleton,
+    flatten,
+    quick_switching,
+    rebuild,
+)
 
 
 def _mapped(arena: Arena) -> MappedArena:
@@ -197,3 +208,75 @@ def test_arena_has_no_name_in_dev_shm() -> None:
     assert set(os.listdir("/dev/shm")) == before
     assert os.readlink(f"/proc/self/fd/{arena.fd}").startswith("/memfd:aiodcp-arena")
     arena.close()
+
+
+# ------------------------------------------------- issue 11: the GIL stays passable
+def _wide(n: int) -> dict[str, torch.Tensor]:
+    return {f"t{i}": torch.full((2,), float(i)) for i in range(n)}
+
+
+def test_flatten_leaves_no_object_per_tensor_for_the_garbage_collector() -> None:
+    """A layout of N (dtype, Size) tuples left 2N tracked objects per save: the young
+    generation's next collection then held the GIL (and the loop) for ~50 ms at 100k."""
+    state = {"model": _wide(20_000)}
+    flatten(state)  # imports, caches
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        before = gc.get_count()[0]
+        flat = flatten(state)
+        left = gc.get_count()[0] - before
+    finally:
+        if was:
+            gc.enable()
+    assert len(flat.tensors) == 20_000
+    assert left < 200, left
+    assert list(flat.layout)[:2] == [(torch.float32, (2,)), (torch.float32, (2,))]
+    same, other = flatten(state).layout, flatten({"model": _wide(19_999)}).layout
+    assert same == flat.layout and other != flat.layout
+
+
+def test_a_large_skeleton_pickles_in_pieces_other_threads_can_run_between() -> None:
+    """A plain 200,000-entry dict pickles in one C call that keeps every other thread
+    (the event loop's) off the GIL; the skeleton's large containers pickle item by item
+    and still unpickle as plain dicts and lists."""
+    skeleton = flatten({"model": _wide(200_000), "list": [torch.zeros(1)] * 5000}).skeleton
+    ticks: list[float] = []
+    stop = threading.Event()
+
+    def ticker() -> None:
+        while not stop.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.0002)
+
+    with quick_switching(0.0005):
+        thread = threading.Thread(target=ticker)
+        thread.start()
+        time.sleep(0.01)
+        t0 = time.perf_counter()
+        blob = dumps_skeleton(skeleton)
+        t1 = time.perf_counter()
+        stop.set()
+        thread.join()
+    inside = [t for t in ticks if t0 + 0.002 < t < t1 - 0.002]
+    assert t1 - t0 > 0.01  # long enough to tell
+    assert len(inside) >= 5, (len(inside), t1 - t0)
+    back = pickle.loads(blob)
+    assert type(back) is dict and type(back["model"]) is dict and type(back["list"]) is list
+    assert back["model"]["t199999"] == 199_999 and back["list"][4999] == 204_999
+
+
+def test_quick_switching_restores_the_users_interval_after_the_last_one() -> None:
+    user = sys.getswitchinterval()
+    sys.setswitchinterval(0.004)
+    try:
+        with quick_switching(0.001):
+            with quick_switching(0.001):
+                assert sys.getswitchinterval() == pytest.approx(0.001)
+            assert sys.getswitchinterval() == pytest.approx(0.001)
+        assert sys.getswitchinterval() == pytest.approx(0.004)
+        with quick_switching(0.01):  # never longer than the user's
+            assert sys.getswitchinterval() == pytest.approx(0.004)
+    finally:
+        sys.setswitchinterval(user)

@@ -16,6 +16,8 @@ from aiodcp import (
     CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
+    _manifest,
+    _retention,
 )
 from aiodcp import _storage as s
 
@@ -93,43 +95,43 @@ def test_cleanup_removes_leftovers_and_keeps_committed(tmp_path: Path) -> None:
 def test_retention_policy(
     steps: list[int], keep_last: int | None, keep_every: int | None, victims: list[int]
 ) -> None:
-    assert s.retention_victims(steps, keep_last, keep_every) == victims
+    assert _retention.retention_victims(steps, keep_last, keep_every) == victims
 
 
 def test_retention_spares_held_steps_and_reclaims_stale_leases(tmp_path: Path) -> None:
     """A live lease keeps a step; a lease whose holder died does not."""
     for step in (1, 2, 3):
         s.commit(tmp_path, _write_tmp(tmp_path, step), step, overwrite=False)
-    fd = s.hold_step(tmp_path, 1)
+    fd = _retention.hold_step(tmp_path, 1)
     # a holder that dies while holding step 2
     code = (
-        "import sys; from pathlib import Path; from aiodcp import _storage as s;"
-        "s.hold_step(Path(sys.argv[1]), 2)"
+        "import sys; from pathlib import Path; from aiodcp import _retention;"
+        "_retention.hold_step(Path(sys.argv[1]), 2)"
     )
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=60)
-    assert s.apply_retention(tmp_path, 1, None) == [2]
+    assert _retention.apply_retention(tmp_path, 1, None) == [2]
     assert s.list_steps(tmp_path) == [1, 3]
-    s.release_hold(tmp_path, fd)
-    assert s.apply_retention(tmp_path, 1, None) == [1]
+    _retention.release_hold(tmp_path, fd)
+    assert _retention.apply_retention(tmp_path, 1, None) == [1]
     assert s.list_steps(tmp_path) == [3]
     assert list((tmp_path / ".holds").glob("step_*")) == []
 
 
 def test_hold_of_missing_step_is_not_found(tmp_path: Path) -> None:
     with pytest.raises(CheckpointNotFoundError):
-        s.hold_step(tmp_path, 9)
+        _retention.hold_step(tmp_path, 9)
 
 
 def test_verify_names_missing_and_truncated_files(tmp_path: Path) -> None:
     path = s.commit(tmp_path, _write_tmp(tmp_path, 1), 1, overwrite=False)
-    s.verify(path, checksums=False)
+    _manifest.verify(path, checksums=False)
     data = next(path.glob("*.distcp"))
     os.truncate(data, data.stat().st_size - 10)
     with pytest.raises(CheckpointError, match=rf"{data.name} is truncated"):
-        s.verify(path, checksums=False)
+        _manifest.verify(path, checksums=False)
     data.unlink()
     with pytest.raises(CheckpointError, match=rf"{data.name} is missing"):
-        s.verify(path, checksums=False)
+        _manifest.verify(path, checksums=False)
 
 
 def test_writer_lock_is_exclusive_and_dies_with_its_holder(tmp_path: Path) -> None:
@@ -158,9 +160,9 @@ def test_commit_refuses_a_chunk_no_file_holds(tmp_path: Path) -> None:
 def test_commit_writes_a_manifest_that_verifies(tmp_path: Path) -> None:
     """A step committed without the daemon's writer gets its manifest hashed at commit."""
     path = s.commit(tmp_path, _write_tmp(tmp_path, 4), 4, overwrite=False)
-    manifest = s.read_manifest(path)
+    manifest = _manifest.read_manifest(path)
     assert manifest is not None and sorted(manifest) == [".metadata", "__0_0.distcp"]
-    assert s.verify(path, checksums=True) is not None and s.is_managed(tmp_path, 4)
+    assert _manifest.verify(path, checksums=True) is not None and s.is_managed(tmp_path, 4)
 
 
 KILLED_COMMIT = """

@@ -21,6 +21,8 @@ from aiodcp import (
     CheckpointCorruptError,
     CheckpointMismatchError,
     SaveFailedError,
+    _manifest,
+    _retention,
 )
 from aiodcp import _storage as s
 from aiodcp._cli import main as cli
@@ -109,13 +111,13 @@ async def test_manifest_written_while_writing_matches_the_disk(root: Path) -> No
         path = (
             await (await ckpt.save({"a": torch.randn(5000), "b": torch.randn(70), "n": 3}))
         ).path
-    manifest = await _run(s.read_manifest, path)
+    manifest = await _run(_manifest.read_manifest, path)
     assert manifest is not None
-    on_disk = sorted(p.name for p in path.iterdir() if p.name != s.MANIFEST)
+    on_disk = sorted(p.name for p in path.iterdir() if p.name != _manifest.MANIFEST)
     assert sorted(manifest) == on_disk == [".metadata", "__0_0.distcp", "__0_1.distcp"]
     for name, entry in manifest.items():
-        assert await _run(s.file_digest, path / name) == entry
-    doc = json.loads((path / s.MANIFEST).read_text())
+        assert await _run(_manifest.file_digest, path / name) == entry
+    doc = json.loads((path / _manifest.MANIFEST).read_text())
     assert doc["format"] == "aiodcp-manifest" and doc["version"] == 1 and doc["step"] == 0
 
 
@@ -135,7 +137,7 @@ async def test_flipped_byte_is_named_by_verify_and_skipped_by_fallback(
     file = root / "step_1" / victim
     _flip(file, file.stat().st_size // 2)
     with pytest.raises(CheckpointCorruptError, match=f"step 1: .*{victim}") as info:
-        await _run(lambda: s.verify(root / "step_1", checksums=True))
+        await _run(lambda: _manifest.verify(root / "step_1", checksums=True))
     assert (info.value.step, info.value.file) == (1, victim)
     out = {"x": torch.zeros(1000), "y": torch.zeros(8)}
     with pytest.raises(CheckpointCorruptError, match=victim):
@@ -212,7 +214,7 @@ async def test_plain_dcp_steps_are_listed_loadable_and_never_deleted(tmp_path: P
     assert await _run(s.list_steps, root) == [0, 1, 2, 3]
     assert not await _run(s.is_managed, root, 0) and await _run(s.is_managed, root, 3)
     assert await _run(s.is_committed, root, 0)
-    assert await _run(s.apply_retention, root, 1, None) == [1, 2]
+    assert await _run(_retention.apply_retention, root, 1, None) == [1, 2]
     assert await _run(cli, ["gc", str(root)]) == 0
     assert await _run(s.list_steps, root) == [0, 3]
     out = {"x": torch.zeros(1000), "y": torch.ones(8)}

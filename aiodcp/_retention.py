@@ -1,0 +1,114 @@
+"""Readers' leases on steps (``.holds``) and the retention that spares them.
+
+A lease is a shared ``flock`` on a file in ``.holds``: it lives exactly as long as
+the holder's descriptor, so a crashed reader never pins a step. Retention deletes
+only steps aiodcp committed (with a manifest), renaming each to ``.trash-...``
+under the holds lock before removing it. Functions here block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from ._errors import CheckpointNotFoundError
+from ._manifest import METADATA
+from ._storage import HOLDS_DIR, LOCK, TRASH_PREFIX, fsync_dir, is_managed, list_steps, step_dir
+
+__all__ = ["apply_retention", "hold_step", "release_hold", "retention_victims"]
+
+
+@contextlib.contextmanager
+def _holds_lock(root: Path) -> Iterator[Path]:
+    holds = root / HOLDS_DIR
+    holds.mkdir(exist_ok=True)
+    fd = os.open(holds / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield holds
+    finally:
+        os.close(fd)
+
+
+def hold_step(root: Path, step: int) -> int:
+    """Take a lease on ``step``; returns the lease's fd (close it to release).
+
+    The lease is a shared ``flock`` on a file in ``.holds``: it lives exactly as
+    long as the holder's descriptor, so a crashed reader never pins a step.
+    """
+    with _holds_lock(root) as holds:
+        if not (step_dir(root, step) / METADATA).is_file():
+            raise CheckpointNotFoundError(f"step {step} is not committed in {root}")
+        lease = holds / f"step_{step}.{os.getpid()}.{uuid.uuid4().hex}"
+        fd = os.open(lease, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return fd
+
+
+def release_hold(root: Path, fd: int) -> None:
+    path = os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else None
+    os.close(fd)
+    if path:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _is_held(holds: Path, step: int) -> bool:
+    held = False
+    for lease in holds.glob(f"step_{step}.*"):
+        try:
+            fd = os.open(lease, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held = True
+        else:
+            lease.unlink(missing_ok=True)  # its holder is gone
+        finally:
+            os.close(fd)
+    return held
+
+
+def retention_victims(
+    steps: Iterable[int], keep_last: int | None, keep_every: int | None
+) -> list[int]:
+    """Which committed steps retention would delete (pure)."""
+    ordered = sorted(steps)
+    if keep_last is None:
+        return []
+    keep = set(ordered[-keep_last:]) if keep_last > 0 else set()
+    if keep_every:
+        keep |= {s for s in ordered if s % keep_every == 0}
+    return [s for s in ordered if s not in keep]
+
+
+def apply_retention(root: Path, keep_last: int | None, keep_every: int | None) -> list[int]:
+    """Delete committed steps outside the policy, sparing those a reader holds.
+
+    Only steps aiodcp committed (with its manifest) count and are deleted; a plain
+    DCP directory under the root is left alone.
+    """
+    managed = [s for s in list_steps(root) if is_managed(root, s)]
+    victims = retention_victims(managed, keep_last, keep_every)
+    if not victims:
+        return []
+    doomed: list[tuple[int, Path]] = []
+    with _holds_lock(root) as holds:
+        for step in victims:
+            if _is_held(holds, step):
+                continue
+            trash = root / f"{TRASH_PREFIX}step_{step}-{uuid.uuid4().hex}"
+            os.rename(step_dir(root, step), trash)
+            doomed.append((step, trash))
+    if doomed:
+        fsync_dir(root)
+    for _, trash in doomed:
+        shutil.rmtree(trash, ignore_errors=True)
+    return [s for s, _ in doomed]
