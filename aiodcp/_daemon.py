@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import io
 import json
 import logging
 import os
-import pickle
 import queue
 import select
 import shutil
@@ -35,57 +33,21 @@ import signal
 import socket
 import sys
 import threading
-import time
 import traceback
-import uuid
 import warnings
 from collections import deque
-from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-
 from . import _protocol as p
-from . import _retention, _storage
 from ._arena import MappedArena, read_fd
 from ._errors import ProtocolError
+from ._persist import Persisting, Request
 from ._protocol import DaemonConfig as Config
-from ._staging import MeshSpec, PickledLeaf, rebuild
+from ._staging import MeshSpec
 
 log = logging.getLogger("aiodcp.daemon")
-
-
-# Seconds to sleep before each write item; lets tests kill or cancel mid-persist.
-_SLOW_WRITE = float(os.environ.get("AIODCP_TEST_SLOW_WRITE", "0") or 0)
-
-
-class SaveCancelled(Exception):
-    """Raised inside DCP's write path when a save is cancelled."""
-
-
-class DaemonExiting(SaveCancelled):
-    """Raised inside DCP's write path when this daemon is going away (SIGTERM, no parent).
-
-    Its peers must not mistake it for a cancellation: for them it is a failure.
-    """
-
-
-@dataclass
-class _Request:
-    msg: p.Save
-    skeleton: bytes
-    cancel: threading.Event = field(default_factory=threading.Event)
-    reason: str = "cancelled by the parent"
-
-
-# How a rank votes at each agreement point of a save.
-_OK, _CANCEL, _DYING = "ok", "cancel", "dying"
-
-
-class PeerFailed(Exception):
-    """Another rank's daemon is exiting (or failed) in the middle of this save."""
 
 
 class _ForwardHandler(logging.Handler):
@@ -110,7 +72,7 @@ class _ForwardHandler(logging.Handler):
             self._busy.on = False
 
 
-class Daemon:
+class Daemon(Persisting):
     def __init__(self, sock: socket.socket, cfg: Config) -> None:
         self.sock = sock
         self.cfg = cfg
@@ -123,8 +85,8 @@ class Daemon:
         self.fds: deque[int] = deque()
         self.arenas: dict[int, MappedArena] = {}
         self.doomed: set[int] = set()  # arenas released while a save still reads them
-        self.requests: dict[int, _Request] = {}
-        self.todo: queue.Queue[_Request | None] = queue.Queue()
+        self.requests: dict[int, Request] = {}
+        self.todo: queue.Queue[Request | None] = queue.Queue()
         self.stop = threading.Event()
         self.stop_reason = ""
         self.tmp_dirs: set[Path] = set()
@@ -217,7 +179,7 @@ class Daemon:
                 skeleton = read_fd(fd, msg.skeleton_nbytes)
             finally:
                 os.close(fd)
-            req = _Request(msg, skeleton)
+            req = Request(msg, skeleton)
             self.requests[msg.req_id] = req
             self.todo.put(req)
         elif isinstance(msg, p.Cancel):
@@ -343,243 +305,6 @@ class Daemon:
                 self.requests.pop(item.msg.req_id, None)
             if self.stop.is_set():
                 return
-
-    def _agree(self, obj: Any) -> list[Any]:
-        if self.pg is None:
-            return [obj]
-        import torch.distributed as dist
-
-        out: list[Any] = [None] * self.cfg.world_size
-        try:
-            dist.all_gather_object(out, obj)
-        except RuntimeError as exc:  # gloo: a peer's daemon vanished mid-collective
-            raise PeerFailed(f"lost contact with another rank's daemon: {exc}") from exc
-        return out
-
-    def _vote(self, req: _Request) -> str:
-        if self.stop_reason and self.stop_reason != "terminate":
-            return _DYING
-        return _CANCEL if req.cancel.is_set() else _OK
-
-    def _check_votes(self, req: _Request, votes: list[str]) -> None:
-        """Dying peers fail the save on every rank; a cancel anywhere cancels it."""
-        if self._vote(req) == _DYING:
-            raise DaemonExiting(req.reason)
-        dying = [rank for rank, v in enumerate(votes) if v == _DYING]
-        if dying:
-            raise PeerFailed(f"the checkpoint daemon of rank(s) {dying} is exiting mid-save")
-        if _CANCEL in votes:
-            raise SaveCancelled(req.reason)
-
-    def _save(self, req: _Request) -> None:
-        msg = req.msg
-        t0 = time.perf_counter()
-        tmp: Path | None = None
-        try:
-            token = uuid.uuid4().hex[:12]
-            votes = self._agree((msg.step, self._vote(req), token))
-            steps = {v[0] for v in votes}
-            if len(steps) != 1:
-                raise RuntimeError(f"ranks disagree on the step to save: {sorted(steps)}")
-            self._check_votes(req, [v[1] for v in votes])
-            tmp = _storage.tmp_dir(self.root, msg.step, votes[0][2])
-            self.tmp_dirs.add(tmp)
-            if not msg.overwrite and _storage.step_dir(self.root, msg.step).exists():
-                from ._errors import CheckpointExistsError
-
-                raise CheckpointExistsError(f"step {msg.step} already exists in {self.root}")
-            nbytes = self._write(req, tmp)
-            self._check_votes(req, self._agree(self._vote(req)))
-            err = self._commit(msg, tmp)
-            if err:
-                raise RuntimeError(err)
-            self.tmp_dirs.discard(tmp)
-            # Retention runs before the reply: once the handle resolves, steps() is final.
-            self._retain()
-            path = _storage.step_dir(self.root, msg.step)
-            seconds = time.perf_counter() - t0
-            self.send(p.Saved(msg.req_id, msg.step, str(path), nbytes, seconds))
-            log.info("step %d committed (%d bytes, %.3fs)", msg.step, nbytes, seconds)
-        except BaseException as exc:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-                self.tmp_dirs.discard(tmp)
-            cancelled = _classify(exc, self.cfg.rank) == "cancel"
-            if self.stop_reason and self.stop_reason != "terminate":
-                return  # dying (SIGTERM, parent gone): the parent reports our death
-            # With several ranks, a failure (unlike a cancellation, which the ranks
-            # agree on by vote) may have left the daemons' group mid-collective or
-            # broken (a peer died). Rather than trust it, every daemon exits and the
-            # parents start a fresh group for the next save.
-            fatal = self.pg is not None and not cancelled
-            if cancelled:
-                text, tb = req.reason, ""
-            else:
-                text = self._diagnose(msg) + (str(exc) or repr(exc))
-                tb = traceback.format_exc()
-                log.warning("save of step %d failed: %s: %s", msg.step, type(exc).__name__, text)
-            self.send(
-                p.SaveFailed(
-                    msg.req_id,
-                    type(exc).__name__,
-                    p.clip(text),
-                    p.clip(tb),
-                    cancelled=cancelled,
-                    fatal=fatal,
-                )
-            )
-            if fatal:
-                self._halt("process group is no longer trusted after a failed save")
-        finally:
-            self._after_save(req)
-
-    def _diagnose(self, msg: p.Save) -> str:
-        """A plain-words prefix for errors whose cause DCP's message hides (a full disk)."""
-        try:
-            free = shutil.disk_usage(self.root).free
-        except OSError:
-            return ""
-        arena = self.arenas.get(msg.arena_id)
-        needed = (arena.nbytes if arena is not None else 0) + msg.skeleton_nbytes
-        if free < needed + (1 << 20):
-            return (
-                f"no space left on device ({free} bytes free in {self.root}, "
-                f"save needs ~{needed}): "
-            )
-        return ""
-
-    def _write(self, req: _Request, tmp: Path) -> int:
-        from . import _writer
-
-        msg = req.msg
-        arena = self.arenas[msg.arena_id]
-        state = rebuild(pickle.loads(req.skeleton), arena.views, self.mesh)
-        total = sum(s.nbytes for s in arena.specs)
-        planner = _Planner(req, self, total, caching=self.pg is not None)
-        # any writer thread's error fails the save; the bytes are hashed for the manifest
-        writer = _writer.VerifiedWriter(
-            tmp, step=msg.step, thread_count=self.cfg.thread_count, sync_files=self.cfg.sync_files
-        )
-        _writer.save(state, writer=writer, planner=planner, rank=self.cfg.rank, pg=self.pg)
-        planner.report(final=True)
-        return total
-
-    def _commit(self, msg: p.Save, tmp: Path) -> str | None:
-        """Rank 0 publishes the step once every rank's data is durable; all learn the result."""
-        err: str | None = None
-        if self.cfg.rank == 0:
-            try:
-                _storage.commit(self.root, tmp, msg.step, overwrite=msg.overwrite)
-            except BaseException as exc:
-                err = f"{type(exc).__name__}: {exc}"
-        if self.pg is not None:
-            import torch.distributed as dist
-
-            box = [err]
-            dist.broadcast_object_list(box, src=0)
-            err = box[0]
-        return err
-
-    def _retain(self) -> None:
-        if self.cfg.rank != 0 or self.cfg.keep_last is None:
-            return
-        try:
-            deleted = _retention.apply_retention(self.root, self.cfg.keep_last, self.cfg.keep_every)
-            if deleted:
-                log.info("retention deleted steps %s", deleted)
-        except Exception as exc:
-            log.warning("retention failed: %s", exc)
-
-    def _after_save(self, req: _Request) -> None:
-        arena_id = req.msg.arena_id
-        if arena_id in self.doomed and not any(
-            r is not req and r.msg.arena_id == arena_id for r in list(self.requests.values())
-        ):
-            self.doomed.discard(arena_id)
-            arena = self.arenas.pop(arena_id, None)
-            if arena is not None:
-                arena.release()
-        if self.cfg.disable_automatic_gc and not self.cfg.disable_manual_gc:
-            gc.collect()
-            if self.first_save:
-                gc.freeze()
-        self.first_save = False
-
-
-def _classify(exc: BaseException, rank: int) -> str:
-    """``"cancel"`` (a cancellation the ranks share), ``"peer"`` (another rank's daemon
-    went away), ``"exiting"`` (this one is) or ``"error"``."""
-    if isinstance(exc, DaemonExiting):
-        return "exiting"
-    if isinstance(exc, SaveCancelled):
-        return "cancel"
-    if isinstance(exc, PeerFailed):
-        return "peer"
-    failures = getattr(exc, "failures", None)  # DCP's CheckpointException: rank -> error
-    if isinstance(failures, dict):
-        inner = {r: (f[0] if isinstance(f, tuple) else f) for r, f in failures.items()}
-        if isinstance(inner.get(rank), DaemonExiting):
-            return "exiting"
-        if any(isinstance(e, DaemonExiting) for e in inner.values()):
-            return "peer"
-        if any(isinstance(e, SaveCancelled) for e in inner.values()):
-            return "cancel"
-    return "error"
-
-
-class _Planner(DefaultSavePlanner):
-    """DCP's default planner, plus: cancellation at each write item, progress,
-    and values the parent already serialised written as they are."""
-
-    def __init__(self, req: _Request, daemon: Daemon, total: int, caching: bool) -> None:
-        # Plan caching (torch >= 2.6) skips re-sending unchanged plans between ranks.
-        super().__init__(enable_plan_caching=caching)
-        self._req = req
-        self._daemon = daemon
-        self._total = total
-        self._written = 0
-        self._last = 0.0
-        self._lock = threading.Lock()
-
-    def resolve_data(self, write_item: Any) -> Any:
-        if _SLOW_WRITE:  # fault-injection hook for tests: widen the persist window
-            time.sleep(_SLOW_WRITE)
-        if self._req.cancel.is_set():
-            if self._daemon.stop_reason and self._daemon.stop_reason != "terminate":
-                raise DaemonExiting(self._req.reason)
-            raise SaveCancelled(self._req.reason)
-        obj = self.lookup_object(write_item.index)
-        if isinstance(obj, PickledLeaf):
-            return io.BytesIO(obj.data)
-        data = self.transform_object(write_item, obj)
-        tensor_data = getattr(write_item, "tensor_data", None)
-        if tensor_data is not None:
-            with self._lock:
-                self._written += _nbytes(tensor_data)
-            self.report()
-        return data
-
-    def report(self, final: bool = False) -> None:
-        now = time.monotonic()
-        if final or now - self._last > 0.1:
-            self._last = now
-            self._daemon.send(
-                p.Progress(
-                    self._req.msg.req_id,
-                    "written" if final else "writing",
-                    self._total if final else min(self._written, self._total),
-                    self._total,
-                )
-            )
-
-
-def _nbytes(tensor_data: Any) -> int:
-    n = 1
-    for d in tensor_data.chunk.sizes:
-        n *= d
-    import torch
-
-    return n * torch.empty((), dtype=tensor_data.properties.dtype).element_size()
 
 
 def main(argv: list[str] | None = None) -> int:

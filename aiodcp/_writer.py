@@ -244,7 +244,7 @@ def unwrap(wrapped: Any, rank: int) -> BaseException:
     """The exception inside DCP's ``CheckpointException`` (see :func:`save`)."""
     failures: dict[int, Any] = dict(getattr(wrapped, "failures", {}) or {})
     inner = {r: (f[0] if isinstance(f, tuple) else f) for r, f in sorted(failures.items())}
-    from ._daemon import DaemonExiting, PeerFailed, SaveCancelled
+    from ._persist import DaemonExiting, PeerFailed, SaveCancelled
 
     own = inner.get(rank)
     if isinstance(own, DaemonExiting):
