@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import math
 import os
 import shutil
@@ -33,7 +34,8 @@ METHODS = {
     "aiodcp": "aiodcp",
     "overlap": "aiodcp overlap=True",
 }
-Sample = tuple[float, float, float, float]  # stall, end-to-end, max loop lag, staged
+# stall, end-to-end, max loop lag until staged, staged, max loop lag after (persisting)
+Sample = tuple[float, float, float, float, float]
 Measure = Callable[[], Awaitable[tuple[float, float, float]]]  # stall, end-to-end, staged
 
 
@@ -131,25 +133,30 @@ def _floors(state: Any, directory: Path) -> tuple[float, float]:
 
 
 async def _lagged(fn: Measure) -> Sample:
-    """Run ``fn`` (-> stall, end-to-end, staged) while a ticker measures the loop's worst lag."""
-    lag = 0.0
+    """Run ``fn`` (-> stall, end-to-end, staged) while a ticker measures the loop's worst
+    lag, separately until the state is staged and after (while the daemon persists)."""
+    ticks: list[tuple[float, float]] = []  # (when it ended, lag)
     done = asyncio.Event()
 
     async def ticker() -> None:
-        nonlocal lag
         while not done.is_set():
             t = time.perf_counter()
             await asyncio.sleep(0.001)
-            lag = max(lag, time.perf_counter() - t - 0.001)
+            now = time.perf_counter()
+            ticks.append((now, now - t - 0.001))
 
     task = asyncio.ensure_future(ticker())
     await asyncio.sleep(0.01)
+    t0 = time.perf_counter()
     try:
         stall, e2e, staged = await fn()
     finally:
         done.set()
         await task
-    return stall, e2e, lag, staged
+    cut = t0 + staged + 0.002  # a tick that began before the state was staged
+    early = [lag for when, lag in ticks if when <= cut]
+    late = [lag for when, lag in ticks if when > cut]
+    return stall, e2e, max(early, default=0.0), staged, max(late, default=0.0)
 
 
 def interleaved(names: list[str], rounds: int) -> list[list[str]]:
@@ -158,8 +165,8 @@ def interleaved(names: list[str], rounds: int) -> list[list[str]]:
 
 
 def _medians(samples: list[Sample]) -> Sample:
-    stall, e2e, lag, staged = (statistics.median(x) for x in zip(*samples, strict=True))
-    return stall, e2e, lag, staged
+    stall, e2e, lag, staged, late = (statistics.median(x) for x in zip(*samples, strict=True))
+    return stall, e2e, lag, staged, late
 
 
 def _pss(pid: int) -> int:
@@ -244,13 +251,16 @@ async def _run(
             msg = " ".join(str(exc).split())
             msg = msg if len(msg) < 100 else f"{msg[:30]} ... {msg[-60:]}"
             failed[m] = f"{type(exc).__name__}: {msg}"
+            gc.collect()  # what the failed method still maps (PROCESS: one map per tensor)
         return None
 
     try:
         async with aiodcp.AsyncCheckpointer(directory / "aiodcp", keep_last=2) as ckpt:
             fns["aiodcp"] = ours_in(ckpt)
             fns["overlap"] = ours_in(ckpt, overlap=True)
-            for m in methods:  # warm-up: PROCESS spawns its daemon, aiodcp maps its arena
+            # warm-up: aiodcp maps its arena, PROCESS spawns its daemon (aiodcp first: a
+            # PROCESS that fails on many tensors can leave this process out of mappings)
+            for m in sorted(methods, key=lambda m: m != "aiodcp"):
                 if m in ("process", "aiodcp") and (sample := await attempt(m)) is not None:
                     first[m] = sample
             for order in interleaved(methods, rounds):
@@ -311,17 +321,20 @@ def _report(
         f"  floors: copy into preallocated {copy:.3f}s, write+fdatasync {write_bps / MiB:.0f} MiB/s"
     )
     print(
-        f"  {'method':<26}{'stall s':>9}{'staged s':>10}{'end-to-end s':>14}"
-        f"{'max loop lag ms':>17}{'persist MiB/s':>15}"
+        f"  {'':<26}{'':>9}{'':>10}{'':>14}{'max loop lag ms':^20}"
+        f"\n  {'method':<26}{'stall s':>9}{'staged s':>10}{'end-to-end s':>14}"
+        f"{'staging':>10}{'persist':>10}{'persist MiB/s':>15}"
     )
     for name, row in rows:
         if isinstance(row, str):
             print(f"  {name:<26}{row}")
             continue
-        stall, e2e, lag, staged = row
+        stall, e2e, lag, staged, late = row
         persist = f"{nbytes / (e2e - staged) / MiB:.0f}" if e2e - staged > 1e-3 else "-"
+        after = f"{late * 1e3:.1f}" if e2e - staged > 1e-3 else "-"
         print(
-            f"  {name:<26}{stall:>9.3f}{staged:>10.3f}{e2e:>14.3f}{lag * 1e3:>17.1f}{persist:>15}"
+            f"  {name:<26}{stall:>9.3f}{staged:>10.3f}{e2e:>14.3f}{lag * 1e3:>10.1f}"
+            f"{after:>10}{persist:>15}"
         )
     by = {name: row for name, row in rows if not isinstance(row, str)}
     ours, proc, sync = by.get("aiodcp"), by.get("dcp.async_save PROCESS"), by.get("dcp.save (sync)")
