@@ -189,7 +189,13 @@ class _Abandon(Exception):
 
 
 async def _run(
-    state: Any, methods: list[str], rounds: int, mem_saves: int, directory: Path, timeout: float
+    state: Any,
+    methods: list[str],
+    rounds: int,
+    mem_saves: int,
+    directory: Path,
+    timeout: float,
+    options: dict[str, Any],
 ) -> tuple[list[tuple[str, Sample | str]], str | None]:
     from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, async_save
     from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
@@ -255,7 +261,7 @@ async def _run(
         return None
 
     try:
-        async with aiodcp.AsyncCheckpointer(directory / "aiodcp", keep_last=2) as ckpt:
+        async with aiodcp.AsyncCheckpointer(directory / "aiodcp", keep_last=2, **options) as ckpt:
             fns["aiodcp"] = ours_in(ckpt)
             fns["overlap"] = ours_in(ckpt, overlap=True)
             # warm-up: aiodcp maps its arena, PROCESS spawns its daemon (aiodcp first: a
@@ -279,7 +285,9 @@ async def _run(
     memory = None
     if "aiodcp" in methods and "aiodcp" not in failed:
         rows.append(("aiodcp first save", first["aiodcp"]))
-        async with aiodcp.AsyncCheckpointer(directory / "aiodcp-prepared", keep_last=1) as ckpt:
+        async with aiodcp.AsyncCheckpointer(
+            directory / "aiodcp-prepared", keep_last=1, **options
+        ) as ckpt:
             await ckpt.prepare(state)
             rows.append(("aiodcp first, prepare()d", await _lagged(ours_in(ckpt))))
         if mem_saves:
@@ -413,6 +421,9 @@ def main(args: argparse.Namespace, error: Callable[[str], NoReturn]) -> int:
                     args.rss_saves if args.mem else 0,
                     directory,
                     args.save_timeout,
+                    {}
+                    if args.daemon_niceness is None
+                    else {"daemon_niceness": args.daemon_niceness},
                 )
             )
             title = (

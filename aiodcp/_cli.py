@@ -238,6 +238,9 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mem", action="store_true", help="aiodcp host memory (PSS) over many saves")
     p.add_argument("--rss-saves", type=int, default=20, help="aiodcp saves for --mem")
     p.add_argument("--save-timeout", type=float, default=120, help="seconds before a method fails")
+    p.add_argument(
+        "--daemon-niceness", type=int, default=None, help="aiodcp's daemon_niceness (shapes)"
+    )
     p.add_argument("--dir", default=None, help="directory to write in (default: a temp dir)")
     train = p.add_argument_group("training throughput (--train)")
     train.add_argument("--train", action="store_true", help="time a CPU training loop instead")
