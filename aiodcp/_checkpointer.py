@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -149,6 +150,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
         self._daemons: Supervisor | None = None
         self._slots = SlotPool(max_inflight)
         self._inflight: set[SaveHandle] = set()  # staging or persisting
+        self._loop_thread: int | None = None
         self._unobserved: list[SaveHandle] = []  # failed, nobody has seen the error yet
         self._next_req = 0
         self._high_step = -1
@@ -226,6 +228,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
         if self._state != "new":
             raise RuntimeError("an AsyncCheckpointer can be opened only once")
         self._state = "opening"
+        self._loop_thread = threading.get_ident()
         self._group = resolve_group(self._process_group)
         await anyio.to_thread.run_sync(self._prepare_root)
 
@@ -394,7 +397,12 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
         save's copy is done -- or, with ``strict=True``, raise ``RuntimeError``.
         Returns a :class:`Guard`; ``guard.remove()`` takes the hooks off.
         """
-        return Guard(objects, lambda: [h for h in self._inflight if not h.is_staged()], strict)
+        return Guard(
+            objects,
+            lambda: [h for h in self._inflight if not h.is_staged()],
+            strict,
+            self.hand_over_staged,
+        )
 
     # ----------------------------------------------------------------- other
     async def wait(self) -> None:

@@ -24,9 +24,14 @@ class Guard:
     """Hooks on optimizers and modules; :meth:`remove` takes them off."""
 
     def __init__(
-        self, objects: Iterable[Any], pending: Callable[[], list[SaveHandle]], strict: bool
+        self,
+        objects: Iterable[Any],
+        pending: Callable[[], list[SaveHandle]],
+        strict: bool,
+        hand_over: Callable[[], None] = lambda: None,
     ) -> None:
         self._pending = pending
+        self._hand_over = hand_over
         self.strict = strict
         self.waits = 0
         """How many times a hook had to wait (or, strict, refused)."""
@@ -44,6 +49,7 @@ class Guard:
     def _before_mutation(self, *args: Any, **kwargs: Any) -> None:
         pending = self._pending()
         if not pending:
+            self._hand_over()  # copies that finished meanwhile start persisting now
             return
         self.waits += 1
         if self.strict:
@@ -54,6 +60,7 @@ class Guard:
             )
         for handle in pending:
             handle._staged_flag.wait()
+        self._hand_over()
 
     def remove(self) -> None:
         for hook in self._hooks:

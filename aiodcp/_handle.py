@@ -98,6 +98,9 @@ class SaveHandle:
         self._t0 = time.perf_counter()
         self._stage_seconds = 0.0
         self._nbytes = 0
+        # an overlapped save's copy not yet handed to its daemon: (CopyThread, Generation,
+        # overwrite); whoever hands it over (its task or a guard) sets this to None
+        self._copying: Any = None
         self._overwrite = False
         self._gen: Any = None  # the Generation it was sent to
         self._slot: Any = None  # the staging slot it holds until done

@@ -34,6 +34,7 @@ class Parts:
     _daemons: Supervisor | None
     _slots: SlotPool
     _inflight: set[SaveHandle]
+    _loop_thread: int | None  # ident of the thread running the event loop
     _unobserved: list[SaveHandle]
     _next_req: int
     _high_step: int

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -85,8 +86,11 @@ class Saving(Parts):
         if overlap:
             # Start the copy now, in a thread of its own: a guard may block this (the
             # loop's) thread before the loop runs again, and must not wait for a copy
-            # that only the loop could start.
+            # that only the loop could start. The same guard hands the save over to the
+            # daemon once the copy is done (hand_over_staged), so persisting starts
+            # even if the loop does not run again until the next save.
             copying = CopyThread(self._stage_blocking, state_dict, handle, overwrite, stream)
+            handle._copying = (copying, gen, overwrite)
             self._spawn(
                 self._stage, handle, gen, state_dict, overwrite, stream, copying, name="stage"
             )
@@ -115,6 +119,9 @@ class Saving(Parts):
                 )
             else:
                 fd, nbytes = await copying.result()
+                if handle._copying is None:  # a guard handed it over (and owns fd) already
+                    return
+                handle._copying = None
             try:
                 handle._staged_event.set()
                 # The copy cannot be interrupted; a cancellation that arrived meanwhile
@@ -178,6 +185,36 @@ class Saving(Parts):
             handle._staged_flag.set()  # the sources may change now (guards wake up here)
             blob = dumps_skeleton(flat.skeleton)
         return memfd_with(blob, f"aiodcp-skeleton-{step}"), len(blob)
+
+    def hand_over_staged(self) -> None:
+        """Hand every overlapped save whose copy is done to its daemon, now.
+
+        A guard calls this right after ``optimizer.step()`` waited for the copies, in the
+        thread that called it: when that is the event loop's (an async training loop,
+        whose synchronous steps keep the loop from running its own tasks), the saves
+        are sent from here instead of whenever the loop next gets to run. Elsewhere, or
+        for a save being cancelled, the save's own task does it.
+        """
+        if self._loop_thread != threading.get_ident():
+            return
+        for handle in list(self._inflight):
+            pending = handle._copying
+            if pending is None or not handle.is_staged() or handle._cancel_requested:
+                continue
+            copying, gen, overwrite = pending
+            if self._group is not None and self._group.distributed:
+                continue  # ranks hand over in lockstep, from their tasks
+            value = copying.join()  # after the copy: the skeleton's memfd, a few ms at most
+            if value is None:
+                continue  # it failed: its task reports the error
+            handle._copying = None
+            fd, nbytes = value
+            try:
+                handle._staged_event.set()
+                self._send_save(handle, gen, handle._slot, fd, nbytes, overwrite)
+            finally:
+                os.close(fd)
+            self._emit(handle, "staged", 0, handle._nbytes)
 
     def _send_save(
         self, handle: SaveHandle, gen: Generation, slot: Slot, fd: int, nbytes: int, ow: bool

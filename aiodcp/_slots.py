@@ -123,6 +123,11 @@ class CopyThread:
         except BaseException as exc:
             self._error = exc
 
+    def join(self) -> tuple[int, int] | None:
+        """Block until the copy thread ends; its value, or None if it failed."""
+        self._thread.join()
+        return self._value if self._error is None else None
+
     async def result(self) -> tuple[int, int]:
         """Wait for the copy; a cancellation waits for it too (it writes into the slot)."""
         with anyio.CancelScope(shield=True):

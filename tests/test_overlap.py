@@ -280,3 +280,31 @@ async def test_guarded_module_load_state_dict_waits_for_staging(root: Path, wher
         await handle
         assert_tree_equal(model.state_dict(), new)
         assert_tree_equal(await load_tree(ckpt, expected, 0), expected)
+
+
+@pytest.mark.asyncio
+async def test_a_guarded_step_hands_the_staged_save_to_the_daemon_without_the_loop(
+    root: Path,
+) -> None:
+    """A synchronous training loop on the loop's thread does not yield between saves.
+    The guard's wait in ``opt.step()`` is the moment the copy is known done: the save
+    is sent from there, so the daemon persists while training goes on (it used to wait
+    for the loop's next turn -- the next save -- serialising every persist with training)."""
+    model, opt = linear_and_adamw(512)
+    state = {"model": model, "optim": opt}
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:
+        await ckpt.prepare(state)
+        with ckpt.guard(opt):
+            handle = await ckpt.save(state, step=7, overlap=True)
+            want = snapshot(model, opt)
+            with blocking_allowed(), deadline(60, "the synchronous training loop"):
+                backward(model)
+                opt.step()  # waits for the copy, then hands the save over
+                t = time.monotonic()
+                while not (root / "step_7").exists():  # no await: the loop never runs
+                    assert time.monotonic() - t < 30, "the daemon never got the save"
+                    backward(model)  # keep "training"
+                    time.sleep(0.01)  # noqa: ASYNC251 -- a blocking training step, on purpose
+        result = await handle
+        assert result.step == 7 and not result.recovered
+        assert_tree_equal(await load_tree(ckpt, want, 7), want)
