@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ._staging import Flat, Layout, TensorSpec, specs_of
+from ._staging import Flat, Layout, TensorSpec, dumps_specs, specs_of
 
 __all__ = ["Arena", "MappedArena", "dtype_from_name", "memfd_with", "read_fd"]
 
@@ -69,7 +69,7 @@ class Arena:
         self.layout = layout
         self.specs, self.nbytes = specs_of(layout)
         self.used_bytes = sum(s.nbytes for s in self.specs)
-        blob = pickle.dumps(self.specs, protocol=pickle.HIGHEST_PROTOCOL)
+        blob = dumps_specs(self.specs)
         self.layout_offset = -(-self.nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
         self.layout_nbytes = len(blob)
         size = max(self.layout_offset + len(blob), mmap.PAGESIZE)
