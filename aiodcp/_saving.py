@@ -212,6 +212,10 @@ class Saving(Parts):
             try:
                 handle._staged_event.set()
                 self._send_save(handle, gen, handle._slot, fd, nbytes, overwrite)
+            except Exception as exc:  # never into the user's optimizer.step()
+                if handle._gen is None and self._finish(handle, None, exc):
+                    self._unobserved.append(handle)  # not sent: the handle reports it
+                continue  # sent: its generation finishes it
             finally:
                 os.close(fd)
             self._emit(handle, "staged", 0, handle._nbytes)
