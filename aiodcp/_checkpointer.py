@@ -84,6 +84,10 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
             1 GiB at about 1.1 GiB/s here against 0.5-0.6 GiB/s with 1).
         daemon_niceness: added to the daemon's nice value (CPU and, by default,
             I/O priority), so persisting steals less from training.
+        direct_io: write checkpoint files with ``O_DIRECT`` (past the page cache)
+            where the filesystem allows, else buffered: ~10x less CPU per byte
+            taken from training; the price is that a reader right after the
+            save reads from disk, not from memory.
         on_event: called on the event loop with each :class:`SaveEvent`.
     """
 
@@ -104,6 +108,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
         collective_timeout: float = 600.0,
         thread_count: int = 2,
         daemon_niceness: int = 0,
+        direct_io: bool = True,
         on_event: Callable[[SaveEvent], None] | None = None,
     ) -> None:
         if not isinstance(max_inflight, int) or max_inflight < 1:
@@ -143,6 +148,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
         self.collective_timeout = float(collective_timeout)
         self.thread_count = int(thread_count)
         self.daemon_niceness = int(daemon_niceness)
+        self.direct_io = bool(direct_io)
         self.on_event = on_event
 
         self._group: Group | None = None
@@ -305,6 +311,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
             disable_manual_gc=self.disable_manual_gc,
             thread_count=self.thread_count,
             niceness=self.daemon_niceness,
+            direct_io=self.direct_io,
             keep_last=self.keep_last,
             keep_every=self.keep_every,
             log_level=logging.getLogger("aiodcp").getEffectiveLevel(),

@@ -229,6 +229,7 @@ class DaemonConfig:
     disable_manual_gc: bool = False
     thread_count: int = 2
     sync_files: bool = True
+    direct_io: bool = True
     keep_last: int | None = None
     keep_every: int | None = None
     niceness: int = 0

@@ -202,7 +202,11 @@ class Persisting:
         planner = _Planner(req, self, total, caching=self.pg is not None)
         # any writer thread's error fails the save; the bytes are hashed for the manifest
         writer = _writer.VerifiedWriter(
-            tmp, step=msg.step, thread_count=self.cfg.thread_count, sync_files=self.cfg.sync_files
+            tmp,
+            step=msg.step,
+            thread_count=self.cfg.thread_count,
+            sync_files=self.cfg.sync_files,
+            direct_io=self.cfg.direct_io,
         )
         _writer.save(state, writer=writer, planner=planner, rank=self.cfg.rank, pg=self.pg)
         planner.report(final=True)

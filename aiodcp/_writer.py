@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.planner import SavePlanner, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from . import _manifest
+from . import _direct, _manifest
 
 __all__ = ["FileDigest", "VerifiedWriter", "save"]
 
@@ -76,7 +76,7 @@ class _HashingStream:
         for start in range(0, view.nbytes, _SLICE):
             piece = view[start : start + _SLICE]
             try:
-                self.raw.write(piece)  # BufferedWriter: writes all of it or raises
+                self.raw.write(piece)  # writes all of it or raises
             except OSError as exc:
                 self.error = self.error or exc
                 raise
@@ -88,14 +88,16 @@ class _HashingStream:
         return self.pos
 
     def flush(self) -> None:
-        self.raw.flush()
+        pass  # torch.save flushes after every record: the file writes whole buffers
 
 
 class VerifiedWriter(FileSystemWriter):
     """``FileSystemWriter`` whose threads' errors fail the save and whose bytes are hashed.
 
     ``step`` is recorded in the manifest. One file per thread per rank
-    (``single_file_per_rank``), written in DCP's torch.save format.
+    (``single_file_per_rank``), written in DCP's torch.save format; with
+    ``direct_io`` past the page cache where the filesystem allows
+    (:class:`aiodcp._direct.DirectFile`).
     """
 
     def __init__(
@@ -105,11 +107,13 @@ class VerifiedWriter(FileSystemWriter):
         step: int,
         thread_count: int = 1,
         sync_files: bool = True,
+        direct_io: bool = True,
     ) -> None:
         super().__init__(
             path, single_file_per_rank=True, sync_files=sync_files, thread_count=thread_count
         )
         self.step = step
+        self.direct_io = direct_io
 
     def _write_data(
         self, planner: SavePlanner, file_queue: queue.Queue[Any]
@@ -164,13 +168,13 @@ class VerifiedWriter(FileSystemWriter):
         ]
         stream: _HashingStream | None = None
         try:
-            with open(path, "wb") as raw:
+            with _direct.DirectFile(path, direct=self.direct_io) as raw:
                 stream = _HashingStream(raw)
                 for item in ordered:
                     if failed.is_set():
                         return out  # another thread failed: the save fails anyway
                     out.append(self._write_item(planner, stream, item, name))
-                stream.flush()
+                raw.finish()
                 if self.sync_files:
                     os.fsync(raw.fileno())
         except Exception as exc:
