@@ -38,11 +38,13 @@ METHODS = {
     "overlap": "aiodcp overlap=True + guard",
     "nice": "aiodcp daemon_niceness=10",
     "thread1": "aiodcp thread_count=1",
+    "buffered": "aiodcp direct_io=False",
 }
 DEFAULT_METHODS = ("none", "sync", "thread", "process", "stager", "aiodcp", "overlap")
 _OPTIONS: dict[str, dict[str, Any]] = {
     "nice": {"daemon_niceness": 10},
     "thread1": {"thread_count": 1},
+    "buffered": {"direct_io": False},
 }
 
 
