@@ -233,7 +233,7 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
         "--methods",
         default=None,
         help="a subset of sync,thread,process,aiodcp,overlap (all by default); with --train"
-        " of none,sync,thread,process,stager,aiodcp,overlap,nice,thread1",
+        " of none,sync,thread,process,stager,aiodcp,overlap,nice,thread1,buffered",
     )
     p.add_argument("--mem", action="store_true", help="aiodcp host memory (PSS) over many saves")
     p.add_argument("--rss-saves", type=int, default=20, help="aiodcp saves for --mem")
