@@ -16,9 +16,9 @@ from blockbuster import blockbuster_ctx
 REPO = Path(__file__).resolve().parent.parent
 
 
-# The core contract runs on both loops; the rest (long fault and scale tests) on asyncio,
+# The core contract runs on both loops; the rest (daemon faults, scale) on asyncio,
 # to keep the suite's time in check. Trio has its own smoke test (test_api.py).
-BOTH_LOOPS = {"test_checkpointer", "test_faults", "test_watch", "test_overlap"}
+BOTH_LOOPS = {"test_checkpointer", "test_watch", "test_overlap"}
 
 
 def pytest_asyncio_loop_factories(config, item):  # type: ignore[no-untyped-def]
