@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import inspect
 import math
+import os
 import shutil
 import statistics
 import time
@@ -95,6 +96,10 @@ class _Saver:
     async def drain(self) -> None:
         """Wait until every save is durable."""
 
+    def helper_cpu(self) -> float | None:
+        """CPU seconds used so far by the process that persists (aiodcp: its daemon)."""
+        return None
+
 
 class _Dcp(_Saver):
     def __init__(self, state: dict[str, Any], root: Path, kind: str, stager: Any = None) -> None:
@@ -146,6 +151,15 @@ class _Ours(_Saver):
     async def drain(self) -> None:
         await self.ckpt.wait()
 
+    def helper_cpu(self) -> float | None:
+        pid = self.ckpt.worker_pid
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, TypeError):
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
 
 @contextlib.asynccontextmanager
 async def _saver(method: str, state: dict[str, Any], root: Path) -> AsyncIterator[_Saver]:
@@ -196,12 +210,14 @@ async def run_one(
     args: argparse.Namespace,
     every: int,
     root: Path,
-) -> tuple[float, float]:
-    """(seconds until the last step returned, seconds until the last save was durable)."""
+) -> tuple[float, float, float]:
+    """(seconds until the last step returned, until the last save was durable, CPU
+    seconds of aiodcp's daemon meanwhile: NaN for the other methods)."""
     state = {"model": model, "optim": opt}
     torch.manual_seed(1)
     xs = [torch.randn(args.batch, d) for _ in range(4)]
     async with _saver(method, state, root) as saver:
+        cpu0 = saver.helper_cpu()
         t0 = time.perf_counter()
         for step in range(1, args.steps + 1):
             _train_step(model, opt, xs[step % len(xs)])
@@ -212,7 +228,9 @@ async def run_one(
         loop = time.perf_counter() - t0
         await saver.drain()
         durable = time.perf_counter() - t0
-    return loop, durable
+        cpu1 = saver.helper_cpu()
+    helper = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else math.nan
+    return loop, durable, helper
 
 
 def main(args: argparse.Namespace, base: Path) -> int:
@@ -244,7 +262,7 @@ def main(args: argparse.Namespace, base: Path) -> int:
             f"median of {args.rounds} interleaved rounds"
         )
         asyncio.run(run_one("none", model, opt, d, args, every, base / "warm-up"))
-        samples: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}
+        samples: dict[str, list[tuple[float, float, float]]] = {m: [] for m in methods}
         for order in interleaved(methods, args.rounds):
             for m in order:
                 root = base / f"train-{m}"
@@ -255,7 +273,10 @@ def main(args: argparse.Namespace, base: Path) -> int:
         }
         none = med["none"][0]
         noise = 0.05 * none  # overheads below 5% of the run are not told apart here
-        print(f"  {'method':<32}{'loop s':>8}{'vs none':>9}{'overhead s':>12}{'durable s':>11}")
+        print(
+            f"  {'method':<32}{'loop s':>8}{'vs none':>9}{'overhead s':>12}{'durable s':>11}"
+            f"{'daemon CPU s/save':>19}"
+        )
         over: dict[str, float | None] = {}
         for m, name in METHODS.items():
             if m not in wanted and m != "none":
@@ -265,10 +286,12 @@ def main(args: argparse.Namespace, base: Path) -> int:
                 print(f"  {name:<32}{'n/a':>8}   (AsyncCheckpointer.save has no overlap= yet)")
                 over[m] = None
                 continue
-            loop, durable = med[m]
+            loop, durable, helper = med[m]
+            per_save = "-" if math.isnan(helper) else f"{helper / saves:.2f}"
             over[m] = loop - none
             print(
                 f"  {name:<32}{loop:>8.2f}{loop / none:>8.2f}x{loop - none:>12.2f}{durable:>11.2f}"
+                f"{per_save:>19}"
             )
         print(
             f"  ratios: aiodcp overhead / DefaultStager overhead "
