@@ -74,6 +74,7 @@ def _templatable(t: torch.Tensor) -> bool:
         and not t.is_conj()
         and not t.is_neg()
         and not t.requires_grad
+        and not t.has_names()
         and t.untyped_storage().nbytes() <= MAX_TEMPLATED
     )
 
