@@ -47,6 +47,10 @@ class DirectFile:
         if buffer_size <= 0 or buffer_size % ALIGN:
             raise ValueError(f"buffer_size must be a positive multiple of {ALIGN}")
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        self._buf = mmap.mmap(-1, buffer_size)  # page-aligned, as O_DIRECT wants
+        self._view = memoryview(self._buf)
+        self._fill = 0
+        self._error: OSError | None = None  # after a failed write, the file is broken
         self.direct = False
         fd = -1
         if direct and _O_DIRECT:
@@ -59,9 +63,6 @@ class DirectFile:
         if fd < 0:
             fd = os.open(path, flags, 0o666)
         self._fd = fd
-        self._buf = mmap.mmap(-1, buffer_size)  # page-aligned, as O_DIRECT wants
-        self._view = memoryview(self._buf)
-        self._fill = 0
 
     def fileno(self) -> int:
         return self._fd
@@ -134,6 +135,15 @@ class DirectFile:
         self._fill = rest
 
     def _write_all(self, view: memoryview) -> None:
+        if self._error is not None:  # part of a buffer may be out: never write it twice
+            raise self._error
+        try:
+            self._write_all_once(view)
+        except OSError as exc:
+            self._error = exc
+            raise
+
+    def _write_all_once(self, view: memoryview) -> None:
         done = 0
         while done < view.nbytes:
             try:

@@ -13,7 +13,9 @@ what ``torch.save`` writes.
 
 Only plain dense CPU tensors up to :data:`MAX_TEMPLATED` bytes are templated (above
 that the call's cost is noise beside the data, and a template would copy the data
-once more); anything else goes through ``torch.save``.
+once more), of at most ``_MAX_KINDS`` kinds; anything else goes through
+``torch.save``. The tensors are the writer's detached views (no Python attributes,
+which ``torch.save`` would pickle and a template would not).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import zipfile
 from typing import Any
 
 import torch
+from torch.utils.serialization import config as _config
 
 __all__ = ["MAX_TEMPLATED", "write_tensor"]
 
@@ -49,9 +52,13 @@ def write_tensor(tensor: torch.Tensor, stream: Any) -> None:
         tuple(tensor.stride()),
         tensor.storage_offset(),
         storage.nbytes(),
+        _config.save.storage_alignment,  # per thread, like the CRC option
     )
     if key not in _templates:
-        _learn(key, tensor, stream)
+        if len(_templates) < _MAX_KINDS:
+            _learn(key, tensor, stream)
+        else:  # a full table keeps its kinds (clearing it would miss on every record)
+            torch.save(tensor, stream)
         return
     template = _templates[key]
     if template is None:  # this kind's record could not be taken apart
@@ -74,7 +81,6 @@ def _templatable(t: torch.Tensor) -> bool:
         and not t.is_conj()
         and not t.is_neg()
         and not t.requires_grad
-        and not t.has_names()
         and t.untyped_storage().nbytes() <= MAX_TEMPLATED
     )
 
@@ -88,8 +94,6 @@ def _learn(key: _Key, tensor: torch.Tensor, stream: Any) -> None:
     stream.write(raw)
     parts = _split(raw, tensor.untyped_storage().nbytes())
     with _lock:
-        if len(_templates) >= _MAX_KINDS:
-            _templates.clear()
         _templates[key] = parts
 
 

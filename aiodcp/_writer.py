@@ -135,8 +135,8 @@ class VerifiedWriter(FileSystemWriter):
             # torch.save's zip CRC-32 of every record was a quarter of the daemon's CPU
             # per byte; each file's xxh3_64 (hashed as written) is the integrity check
             # instead, and torch.load does not read the CRC. The setting is per thread.
-            torch.serialization.set_crc32_options(False)
             try:
+                torch.serialization.set_crc32_options(False)
                 for k in range(first, len(files), n):
                     if failed.is_set():
                         return

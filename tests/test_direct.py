@@ -116,6 +116,37 @@ def test_a_write_refused_as_direct_continues_buffered(
     assert path.read_bytes() == b"".join(pieces)
 
 
+@needs_o_direct
+def test_after_a_failed_write_nothing_is_written_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that got one block out and then hit a full disk: the file stays broken
+    (every later write and the close raise the same error) instead of writing the
+    buffer again from its start."""
+    real = os.write
+    calls = {"n": 0}
+
+    def half_then_full(fd: int, data: memoryview) -> int:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return real(fd, data[:ALIGN])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_direct.os, "write", half_then_full)
+    path = tmp_path / "f"
+    f = DirectFile(path, buffer_size=4 * ALIGN)
+    with pytest.raises(OSError) as first:
+        f.write(b"x" * (4 * ALIGN))
+    assert first.value.errno == errno.ENOSPC
+    monkeypatch.setattr(_direct.os, "write", real)  # the disk has room again
+    with pytest.raises(OSError) as again:
+        f.write(b"y" * (4 * ALIGN))
+    assert again.value is first.value
+    with pytest.raises(OSError):
+        f.close()
+    assert path.stat().st_size == ALIGN
+
+
 def test_a_filesystem_without_o_direct_gets_a_buffered_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

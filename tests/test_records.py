@@ -140,3 +140,38 @@ def real_bytes(save: Callable[..., None], t: torch.Tensor) -> bytes:
     buf = io.BytesIO()
     save(t, buf)
     return buf.getvalue()
+
+
+def test_a_thread_with_another_storage_alignment_gets_its_own_template() -> None:
+    """torch's storage_alignment is per thread, like the CRC option: a template learnt
+    under one alignment is never used under another."""
+    from torch.utils.serialization import config
+
+    def at(alignment: int) -> list[bool]:
+        with config.patch({"save.storage_alignment": alignment}):
+            return [_record(t) == _saved(t) for t in (torch.ones(3), torch.zeros(3))]
+
+    assert _in_writer_thread(lambda: at(64) + at(4096) + at(64)) == [True] * 6
+
+
+def test_more_kinds_than_the_table_holds_keeps_the_first_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past _MAX_KINDS kinds, new kinds go through torch.save; the known ones stay
+    templated (clearing the table would miss on every record of every save)."""
+    monkeypatch.setattr(_records, "_templates", {})
+    monkeypatch.setattr(_records, "_MAX_KINDS", 10)
+    calls = []
+    real = torch.save
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+
+    def save_all() -> None:
+        for n in range(1, 21):  # 20 kinds: 20 sizes
+            t = torch.full((n,), float(n))
+            assert _record(t) == real_bytes(real, t)
+
+    _in_writer_thread(save_all)
+    assert len(calls) == 20
+    calls.clear()
+    _in_writer_thread(save_all)
+    assert len(calls) == 10  # the first 10 kinds are templated
