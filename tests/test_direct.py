@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import aiodcp
-from aiodcp import _direct
+from aiodcp import _arena, _direct
 from aiodcp._direct import ALIGN, DirectFile
 
 needs_o_direct = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT")
@@ -39,16 +39,7 @@ def _pieces(seed: int, total: int) -> list[bytes]:
 
 def _resident_fraction(path: Path) -> float:
     """Share of the file's pages in the page cache: mincore(2) over a fresh mapping."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_size_t,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_long,
-    ]
+    libc = _arena._libc()  # mmap/munmap typed
     size = path.stat().st_size
     pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
     vec = (ctypes.c_ubyte * pages)()
