@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import io
 import struct
-import threading
 import zipfile
 from typing import Any
 
@@ -35,8 +34,7 @@ MAX_TEMPLATED = 1 << 20
 _MAX_KINDS = 4096
 
 _Key = tuple[Any, ...]
-_templates: dict[_Key, tuple[bytes, bytes] | None] = {}
-_lock = threading.Lock()
+_templates: dict[_Key, tuple[bytes, bytes] | None] = {}  # one store per kind: atomic
 
 
 def write_tensor(tensor: torch.Tensor, stream: Any) -> None:
@@ -92,9 +90,7 @@ def _learn(key: _Key, tensor: torch.Tensor, stream: Any) -> None:
     torch.save(tensor, buf)
     raw = buf.getvalue()
     stream.write(raw)
-    parts = _split(raw, tensor.untyped_storage().nbytes())
-    with _lock:
-        _templates[key] = parts
+    _templates[key] = _split(raw, tensor.untyped_storage().nbytes())
 
 
 def _split(raw: bytes, nbytes: int) -> tuple[bytes, bytes] | None:
