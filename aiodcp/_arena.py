@@ -14,6 +14,7 @@ import mmap
 import os
 import pickle
 import threading
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -112,31 +113,47 @@ class Arena:
                 raise RuntimeError(f"cudaHostRegister failed with {rc}")
             self.pinned = True
 
-    def stage(self, flat: Flat, *, stream: Any = None) -> None:
+    def stage(
+        self,
+        flat: Flat,
+        *,
+        stream: Any = None,
+        first: Collection[int] = (),
+        on_first: Callable[[], None] | None = None,
+    ) -> None:
         """Copy ``flat``'s tensors into the arena (blocking; call from a worker thread).
 
         CPU tensors are copied in batches (``torch._foreach_copy_``, which releases
         the GIL). CUDA tensors go through a side stream into pinned memory with
         non-blocking copies; the call returns once the copies' event has completed,
-        so the caller may then mutate the sources.
+        so the caller may then mutate the sources. The tensors indexed by ``first``
+        (a guarded module's buffers) are copied before the others, then
+        ``on_first()`` is called.
         """
         if not self.fits(flat):
             raise ValueError("layout does not fit this arena")
         views = self.views
-        cpu_src: list[torch.Tensor] = []
-        cpu_dst: list[torch.Tensor] = []
+        early = set(first)
+        batches: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = [([], []), ([], [])]
         cuda: list[int] = []
         for i, t in enumerate(flat.tensors):
             if t.device.type == "cuda":
                 cuda.append(i)
             elif t.numel():
-                cpu_src.append(t)
-                cpu_dst.append(views[i])
+                dst, src = batches[0 if i in early else 1]
+                dst.append(views[i])
+                src.append(t)
         with torch.no_grad():
-            for lo in range(0, len(cpu_src), _COPY_CHUNK):
-                torch._foreach_copy_(cpu_dst[lo : lo + _COPY_CHUNK], cpu_src[lo : lo + _COPY_CHUNK])
+            for n, (dst, src) in enumerate(batches):
+                for lo in range(0, len(src), _COPY_CHUNK):
+                    torch._foreach_copy_(dst[lo : lo + _COPY_CHUNK], src[lo : lo + _COPY_CHUNK])
+                if n == 0 and on_first is not None and not (early & set(cuda)):
+                    on_first()
+                    on_first = None
             if cuda:
                 self._stage_cuda(flat, cuda, stream)
+        if on_first is not None:
+            on_first()
 
     def _stage_cuda(self, flat: Flat, indices: list[int], stream: Any) -> None:
         self.pin()

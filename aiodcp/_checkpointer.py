@@ -155,7 +155,8 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
         self._tg: anyio.abc.TaskGroup | None = None
         self._daemons: Supervisor | None = None
         self._slots = SlotPool(max_inflight)
-        self._inflight: set[SaveHandle] = set()  # staging or persisting
+        self._inflight: set[SaveHandle] = set()  # not settled: staging, persisting, copying
+        self._guards: list[Guard] = []
         self._loop_thread: int | None = None
         self._unobserved: list[SaveHandle] = []  # failed, nobody has seen the error yet
         self._next_req = 0
@@ -232,10 +233,19 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
 
     async def _begin(self) -> None:
         if self._state != "new":
-            raise RuntimeError("an AsyncCheckpointer can be opened only once")
+            raise RuntimeError(
+                f"this AsyncCheckpointer was already opened (it is {self._state}): create a "
+                "new AsyncCheckpointer(...) for each `async with` (or each asyncio.run)"
+            )
         self._state = "opening"
         self._loop_thread = threading.get_ident()
         self._group = resolve_group(self._process_group)
+        if self._group.distributed and self.when_busy == "skip":
+            self._state = "closed"
+            raise ValueError(
+                'when_busy="skip" is not supported with several ranks: each rank would '
+                "decide alone, and a rank could skip a save its peers make"
+            )
         await anyio.to_thread.run_sync(self._prepare_root)
 
     async def _finish_open(self) -> AsyncCheckpointer:
@@ -378,8 +388,14 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
     def _check_open(self) -> None:
         if self._state != "open":
             raise RuntimeError(
-                "AsyncCheckpointer is not open: use `async with AsyncCheckpointer(...) as ckpt` "
-                "(or `ckpt = await AsyncCheckpointer(...).start()` in a notebook)"
+                f"AsyncCheckpointer is not open (it is {self._state}): use `async with "
+                "AsyncCheckpointer(...) as ckpt` (or `ckpt = await AsyncCheckpointer(...).start()`"
+                " in a notebook)"
+            )
+        if threading.get_ident() != self._loop_thread:
+            raise RuntimeError(
+                "AsyncCheckpointer is bound to the event loop (and thread) that opened it; "
+                "call it from there, or open one checkpointer per loop"
             )
 
     def _spawn(self, fn: Callable[..., Awaitable[None]], *args: Any, name: str) -> None:
@@ -399,17 +415,25 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
     def guard(self, *objects: Any, strict: bool = False) -> Guard:
         """Make mutating ``objects`` wait for pending overlapped staging (opt-in).
 
-        Optimizers get a step pre-hook, modules a ``load_state_dict`` pre-hook:
-        before they change a tensor, they wait until every ``overlap=True``
-        save's copy is done -- or, with ``strict=True``, raise ``RuntimeError``.
-        Returns a :class:`Guard`; ``guard.remove()`` takes the hooks off.
+        Optimizers get a ``step`` pre-hook and modules a ``load_state_dict``
+        pre-hook: before they change a tensor, they wait until every
+        ``overlap=True`` save's copy is done. Modules also get a ``forward``
+        pre-hook that waits until their buffers are copied (they are copied
+        first): a forward pass updates buffers such as BatchNorm's running
+        statistics. With ``strict=True`` the hooks raise ``RuntimeError``
+        instead of waiting. A copy that fails wakes every waiter; its error is
+        logged (strict: raised from the hooked call). Returns a
+        :class:`Guard`; ``guard.remove()`` takes the hooks off.
         """
-        return Guard(
+        guard = Guard(
             objects,
-            lambda: [h for h in self._inflight if not h.is_staged()],
+            lambda: list(self._inflight),
             strict,
             self.hand_over_staged,
+            self._guards.remove,
         )
+        self._guards.append(guard)
+        return guard
 
     # ----------------------------------------------------------------- other
     async def wait(self) -> None:
@@ -419,7 +443,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
         handle or an earlier ``wait()``); cancelling ``wait()`` cancels no save.
         """
         while self._inflight:
-            await next(iter(self._inflight))._event.wait()
+            await next(iter(self._inflight))._settled.wait()
         failures = [h for h in self._unobserved if not h._observed]
         self._unobserved.clear()
         for h in failures:

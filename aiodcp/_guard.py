@@ -1,15 +1,25 @@
-"""Guards that make "mutated the state before it was staged" impossible (opt-in).
+"""Guards that make "mutated the state before it was copied" impossible (opt-in).
 
 With ``save(..., overlap=True)`` the copy into shared memory runs while the
 caller goes on; the caller must not change the tensors until it is done. A
-:class:`Guard` hooks the things that change them -- an optimizer's ``step``, a
-module's ``load_state_dict`` -- and waits there for every pending copy (or, in
-strict mode, raises). The hooks run in the caller's thread: waiting blocks it
-only for the rest of a copy that runs with the GIL released.
+:class:`Guard` hooks what changes them:
+
+* an optimizer's ``step()`` waits for every pending copy (or, strict, raises);
+* a module's ``forward()`` waits until the module's *buffers* are copied (they
+  are copied first, so this wait is short): forward passes update buffers in
+  place, as BatchNorm's running statistics;
+* a module's ``load_state_dict()`` waits for every pending copy.
+
+A copy that fails wakes every waiter; its error is logged (strict: raised from
+the hooked call) and the save's handle fails with it. What no hook sees -- an
+EMA updated by hand, a tensor written directly -- must wait for
+``await handle.staged()``. The hooks run in the caller's thread: waiting blocks
+it only for the rest of a copy that runs with the GIL released.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,6 +29,8 @@ from ._handle import SaveHandle
 
 __all__ = ["Guard"]
 
+log = logging.getLogger("aiodcp")
+
 
 class Guard:
     """Hooks on optimizers and modules; :meth:`remove` takes them off."""
@@ -26,46 +38,97 @@ class Guard:
     def __init__(
         self,
         objects: Iterable[Any],
-        pending: Callable[[], list[SaveHandle]],
+        handles: Callable[[], list[SaveHandle]],
         strict: bool,
         hand_over: Callable[[], None] = lambda: None,
+        on_remove: Callable[[Guard], None] = lambda guard: None,
     ) -> None:
-        self._pending = pending
+        self._handles = handles
         self._hand_over = hand_over
+        self._on_remove = on_remove
         self.strict = strict
         self.waits = 0
         """How many times a hook had to wait (or, strict, refused)."""
         self._hooks: list[Any] = []
+        self._removed = False
+        self._modules: list[torch.nn.Module] = []
+        objects = list(objects)
+        for obj in objects:
+            if not isinstance(obj, (torch.optim.Optimizer, torch.nn.Module)):
+                raise TypeError(f"guard() takes optimizers and modules, not {type(obj).__name__}")
         for obj in objects:
             if isinstance(obj, torch.optim.Optimizer):
-                self._hooks.append(obj.register_step_pre_hook(self._before_mutation))
-            elif isinstance(obj, torch.nn.Module):
-                self._hooks.append(
-                    obj.register_load_state_dict_pre_hook(self._before_mutation)  # type: ignore[no-untyped-call]
-                )
+                self._hooks.append(obj.register_step_pre_hook(self._before_step))
             else:
-                raise TypeError(f"guard() takes optimizers and modules, not {type(obj).__name__}")
+                self._hooks.append(
+                    obj.register_load_state_dict_pre_hook(self._before_step)
+                )
+                self._hooks.append(obj.register_forward_pre_hook(self._before_forward))
+                self._modules.append(obj)
 
-    def _before_mutation(self, *args: Any, **kwargs: Any) -> None:
-        pending = self._pending()
-        if not pending:
-            self._hand_over()  # copies that finished meanwhile start persisting now
-            return
-        self.waits += 1
-        if self.strict:
-            steps = sorted(h.step for h in pending)
+    def buffer_pointers(self) -> set[int]:
+        """Storage addresses of the guarded modules' buffers (copied first)."""
+        return {b.data_ptr() for m in self._modules for b in m.buffers() if b.numel()}
+
+    def _before_step(self, *args: Any, **kwargs: Any) -> None:
+        handles = self._handles()
+        pending = [h for h in handles if not h.is_staged()]
+        if pending:
+            self.waits += 1
+            if self.strict:
+                steps = sorted(h.step for h in pending)
+                raise RuntimeError(
+                    f"state is being mutated while save(s) of step(s) {steps} are still "
+                    "staging; await handle.staged() first"
+                )
+            for handle in pending:
+                handle._staged_flag.wait()  # set by the copy thread, whatever the outcome
+        self._report(handles)
+        self._hand_over()  # copies that finished start persisting now
+
+    def _before_forward(self, *args: Any, **kwargs: Any) -> None:
+        handles = self._handles()
+        pending = [h for h in handles if not h._buffers_flag.is_set()]
+        if pending:
+            self.waits += 1
+            if self.strict:
+                steps = sorted(h.step for h in pending)
+                raise RuntimeError(
+                    f"forward() would update buffers that save(s) of step(s) {steps} are still "
+                    "copying; await handle.staged() first"
+                )
+            for handle in pending:
+                handle._buffers_flag.wait()
+        self._report(handles)
+
+    def _report(self, handles: list[SaveHandle]) -> None:
+        """A copy that failed is reported once: logged, or (strict) raised here."""
+        failed = [h for h in handles if h._copy_error is not None and not h._copy_reported]
+        for handle in failed:
+            handle._copy_reported = True
+            if not self.strict:
+                log.error(
+                    "the overlapped copy of step %d failed (the save is lost): %s: %s",
+                    handle.step,
+                    type(handle._copy_error).__name__,
+                    handle._copy_error,
+                )
+        if failed and self.strict:
+            error = failed[0]._copy_error
             raise RuntimeError(
-                f"state is being mutated while save(s) of step(s) {steps} are still staging; "
-                "await handle.staged() first"
-            )
-        for handle in pending:
-            handle._staged_flag.wait()
-        self._hand_over()
+                f"the overlapped copy of step {failed[0].step} failed (the save is lost): "
+                f"{type(error).__name__}: {error}"
+            ) from error
 
     def remove(self) -> None:
+        if self._removed:
+            return
+        self._removed = True
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        self._modules.clear()
+        self._on_remove(self)
 
     def __enter__(self) -> Guard:
         return self

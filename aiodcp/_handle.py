@@ -1,16 +1,21 @@
 """What a save gives back: ``SaveHandle`` (in flight), ``SaveResult`` (done), ``SaveEvent``.
 
-A handle moves through these states, each entered exactly once::
+A handle moves through these states (:data:`TRANSITIONS`; an illegal move raises)::
 
     state        entered when                            held by
     ----------   -------------------------------------   -------------------------------
-    staging      save() took a slot and a step           the checkpointer (save/stager)
+    staging      save() took a slot and a step           the save's stage task (it owns
+                                                         the copy thread, the slot, the fd)
     persisting   its Save frame is in the daemon's        its daemon Generation
                  socket (``staged()`` has resolved)
-    done         committed | failed | cancelled           nobody: slot and step are free
+    done         committed | failed | cancelled           nobody
 
-Only the holder finishes a handle: before the frame is sent the checkpointer,
-after it the generation it was sent to -- by its reply, or by its own death.
+Only the holder finishes a handle: before the frame is sent the stage task (or
+the checkpointer's close), after it the generation it was sent to -- by its
+reply, or by its own death. Independently of that, the handle's *copy thread*
+holds the staging slot until it has stopped: a handle that is done while its
+copy still runs (its caller was cancelled) gives the slot back only when the
+copy ends, and only then is it *settled* (``ckpt.wait()`` waits for that).
 """
 
 from __future__ import annotations
@@ -28,7 +33,14 @@ import anyio
 
 from ._errors import CheckpointCancelledError, CheckpointError
 
-__all__ = ["SaveEvent", "SaveHandle", "SaveResult"]
+__all__ = ["TRANSITIONS", "SaveEvent", "SaveHandle", "SaveResult"]
+
+HandleState = Literal["staging", "persisting", "done"]
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "staging": frozenset({"persisting", "done"}),
+    "persisting": frozenset({"done"}),
+    "done": frozenset(),
+}
 
 
 @dataclass(frozen=True)
@@ -90,7 +102,10 @@ class SaveHandle:
         self._req_id = -1
         self._event = anyio.Event()
         self._staged_event = anyio.Event()
-        self._staged_flag = threading.Event()  # for guards that wait from sync code
+        self._staged_flag = threading.Event()  # the sources may change (guards wait on it)
+        self._buffers_flag = threading.Event()  # guarded modules' buffers are copied
+        self._settled = anyio.Event()  # done, and its copy has stopped: slot given back
+        self._state: HandleState = "staging"
         self._result: SaveResult | None = None
         self._error: BaseException | None = None
         self._observed = False
@@ -98,9 +113,12 @@ class SaveHandle:
         self._t0 = time.perf_counter()
         self._stage_seconds = 0.0
         self._nbytes = 0
-        # an overlapped save's copy not yet handed to its daemon: (CopyThread, Generation,
-        # overwrite); whoever hands it over (its task or a guard) sets this to None
+        # the save's copy not yet handed to its daemon: (CopyThread, Generation, overwrite);
+        # whoever hands it over (its stage task or a guard) sets this to None
         self._copying: Any = None
+        self._copy: Any = None  # its CopyThread: holds the slot until it has stopped
+        self._copy_error: BaseException | None = None  # set by the copy thread itself
+        self._copy_reported = False  # a guard has reported the copy's failure
         self._overwrite = False
         self._gen: Any = None  # the Generation it was sent to
         self._slot: Any = None  # the staging slot it holds until done
@@ -162,20 +180,22 @@ class SaveHandle:
         return f"<SaveHandle step={self.step} {state}>"
 
     # -- holder side
-    def _mark_staged(self) -> None:
-        if not self._staged_flag.is_set():
-            self._stage_seconds = time.perf_counter() - self._t0
-            self._staged_flag.set()
-            self._staged_event.set()
+    def _move(self, state: HandleState) -> None:
+        """Enter ``state``; a move :data:`TRANSITIONS` does not allow raises."""
+        if state not in TRANSITIONS[self._state]:
+            raise RuntimeError(f"save of step {self.step}: illegal move {self._state} -> {state}")
+        self._state = state
 
     def _finish(self, result: SaveResult | None, error: BaseException | None) -> bool:
         """Resolve once; False if already resolved."""
         if self.done():
             return False
+        self._move("done")
         self._result, self._error = result, error
         if isinstance(error, CheckpointCancelledError) and self._cancel_requested:
             self._observed = True  # the caller asked for it
         self._staged_flag.set()
+        self._buffers_flag.set()
         self._staged_event.set()
         self._event.set()
         return True

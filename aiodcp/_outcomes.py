@@ -105,19 +105,27 @@ class Outcomes(Parts):
     def _finish(
         self, handle: SaveHandle, result: SaveResult | None, error: BaseException | None
     ) -> bool:
-        """The one way a save ends: its generation, slot and step let go of it."""
+        """The one way a save ends: its generation and step let go of it, and its slot
+        once its copy has stopped (:meth:`_settle`)."""
         if handle._gen is not None:
             handle._gen.pending.pop(handle._req_id, None)
+        self._reserved.discard(handle.step)
+        first = handle._finish(result, error)
+        self._settle(handle)
+        if first and error is not None:
+            self._emit(handle, "failed", 0, 0)
+        return first
+
+    def _settle(self, handle: SaveHandle) -> None:
+        """Give a done handle's slot back -- only once its copy thread has stopped, which
+        owns the slot until then (a caller cancelled mid-copy returns before it stops)."""
+        if not handle.done() or (handle._copy is not None and not handle._copy.stopped.is_set()):
+            return
         if handle._slot is not None:
             self._slots.give(handle._slot, handle)
             handle._slot = None
-        self._reserved.discard(handle.step)
         self._inflight.discard(handle)
-        if not handle._finish(result, error):
-            return False
-        if error is not None:
-            self._emit(handle, "failed", 0, 0)
-        return True
+        handle._settled.set()
 
     async def _on_exit(self, gen: Generation) -> None:
         """``gen``'s process is reaped: settle *its* handles, from the disk's point of view.

@@ -17,6 +17,7 @@ import anyio.abc
 from ._dist import Group
 from ._errors import WorkerDiedError
 from ._generation import Generation
+from ._guard import Guard
 from ._handle import SaveEvent, SaveHandle, SaveResult
 from ._slots import SlotPool
 from ._supervisor import Supervisor
@@ -33,7 +34,8 @@ class Parts:
     _tg: anyio.abc.TaskGroup | None
     _daemons: Supervisor | None
     _slots: SlotPool
-    _inflight: set[SaveHandle]
+    _inflight: set[SaveHandle]  # not yet settled (see SaveHandle)
+    _guards: list[Guard]
     _loop_thread: int | None  # ident of the thread running the event loop
     _unobserved: list[SaveHandle]
     _next_req: int
@@ -70,4 +72,7 @@ class Parts:
             raise NotImplementedError
 
         def _send_cancel(self, handle: SaveHandle) -> None:
+            raise NotImplementedError
+
+        def _settle(self, handle: SaveHandle) -> None:
             raise NotImplementedError

@@ -5,6 +5,7 @@ Part of :class:`aiodcp.AsyncCheckpointer` (a mixin, for one concern per module).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -28,7 +29,7 @@ from ._generation import Generation
 from ._handle import SaveHandle, SaveResult
 from ._parts import Parts
 from ._slots import CopyThread, Slot
-from ._staging import dumps_skeleton, flatten, gc_paused, quick_switching
+from ._staging import _is_stateful, dumps_skeleton, flatten, gc_paused, quick_switching
 
 log = logging.getLogger("aiodcp")
 
@@ -50,13 +51,17 @@ class Saving(Parts):
         tensor in place, the checkpoint holds the values at the time of the call.
         With ``overlap=True`` it returns at once and the copy runs in a worker
         thread (GIL released) while the caller goes on: the tensors must not be
-        mutated until ``await handle.staged()`` -- :meth:`guard` makes an
-        optimizer wait for that by itself. Either way the daemon starts
-        persisting as soon as the copy is done, without waiting for the caller
-        to yield to the event loop. ``step=None`` is the latest step + 1.
+        mutated until ``await handle.staged()`` -- :meth:`guard` makes optimizers
+        and modules wait for that by themselves. Top-level ``Stateful`` values
+        (modules, optimizers, schedulers) give their ``state_dict()`` at the call
+        either way. The daemon starts persisting as soon as the copy is done,
+        without waiting for the caller to yield to the event loop. ``step=None``
+        is the latest step + 1.
 
-        Cancelling the caller while it stages aborts the save (nothing is
-        written) and re-raises.
+        Cancelling the caller while it stages (any way: anyio, asyncio's
+        ``task.cancel()``/``timeout``/``wait_for``, trio) raises at once and aborts
+        the save: nothing is sent or published. The copy itself stops on its own
+        a moment later; its slot is busy until then (``wait()`` covers it).
 
         Raises:
             TypeError: a value cannot be sent to the daemon (the key path is named;
@@ -73,6 +78,8 @@ class Saving(Parts):
         handle._overwrite = overwrite
         if self.when_busy == "skip" and not self._slots.any_free:
             return self._skipped(step, t0)
+        if overlap:  # the values are the call's; only tensors are copied later
+            state_dict = taken_now(state_dict)
         slot = await self._slots.take(handle)
         handle._slot = slot
         try:
@@ -80,106 +87,116 @@ class Saving(Parts):
             self._inflight.add(handle)
             gen = await self._daemons.for_save()
         except BaseException as exc:
-            self._finish(handle, None, exc if isinstance(exc, Exception) else None)
+            self._finish(handle, None, _as_error(exc, handle.step))
             raise
-        stream = _cuda_stream()
+        # From here the save's stage task owns it: the copy (its own thread), the slot
+        # until the copy has stopped, the skeleton's fd, the hand-over to the daemon.
+        # A guard blocking this (the loop's) thread may hand the save over first.
+        copying = CopyThread(
+            self._stage_blocking,
+            state_dict,
+            handle,
+            overwrite,
+            _cuda_stream(),
+            self._early_pointers(),
+            on_stop=functools.partial(_copy_stopped, handle),
+        )
+        handle._copy = copying
+        handle._copying = (copying, gen, overwrite)
+        self._spawn(self._stage, handle, gen, copying, name="stage")
         if overlap:
-            # Start the copy now, in a thread of its own: a guard may block this (the
-            # loop's) thread before the loop runs again, and must not wait for a copy
-            # that only the loop could start. The same guard hands the save over to the
-            # daemon once the copy is done (hand_over_staged), so persisting starts
-            # even if the loop does not run again until the next save.
-            copying = CopyThread(self._stage_blocking, state_dict, handle, overwrite, stream)
-            handle._copying = (copying, gen, overwrite)
-            self._spawn(
-                self._stage, handle, gen, state_dict, overwrite, stream, copying, name="stage"
-            )
             return handle
-        await self._stage(handle, gen, state_dict, overwrite, stream, raise_errors=True)
+        try:
+            await handle.staged()
+        except BaseException:
+            handle._observed = True
+            handle.cancel()  # the stage task aborts it once the copy has stopped
+            raise
+        if handle.done() and handle._error is not None and handle._gen is None:
+            handle._observed = True  # raised here, to the caller
+            raise handle._error
         return handle
 
-    async def _stage(
-        self,
-        handle: SaveHandle,
-        gen: Generation,
-        state_dict: Mapping[str, Any],
-        overwrite: bool,
-        stream: Any,
-        copying: CopyThread | None = None,
-        *,
-        raise_errors: bool = False,
-    ) -> None:
-        """Copy into the handle's slot and send the save to ``gen``: the handle (holding
-        the slot and the step) is finished here on any failure, before or after."""
-        slot = handle._slot
+    async def _stage(self, handle: SaveHandle, gen: Generation, copying: CopyThread) -> None:
+        """The save's owner from its copy to its hand-over: wait for the copy to stop
+        (shielded), then send the save to ``gen`` or finish the handle with the reason."""
         try:
-            if copying is None:
-                fd, nbytes = await anyio.to_thread.run_sync(
-                    self._stage_blocking, state_dict, handle, overwrite, stream
-                )
-            else:
-                fd, nbytes = await copying.result()
-                if handle._copying is None:  # a guard handed it over (and owns fd) already
-                    return
-                handle._copying = None
             try:
-                handle._staged_event.set()
-                # The copy cannot be interrupted; a cancellation that arrived meanwhile
-                # aborts the save here. Alone, nothing is sent. With several ranks the
-                # save is sent and cancelled at once, so every rank's daemon still takes
-                # part in (and agrees to cancel) this step: the ranks stay in lockstep.
-                lockstep = self._group is not None and self._group.distributed
-                try:
-                    await anyio.lowlevel.checkpoint_if_cancelled()
-                except BaseException:
-                    if lockstep:
-                        handle._cancel_requested = handle._observed = True
-                        self._send_save(handle, gen, slot, fd, nbytes, overwrite)
-                        self._send_cancel(handle)
-                    raise
-                if handle._cancel_requested and not lockstep:
-                    raise CheckpointCancelledError(
+                fd, nbytes = await copying.result()
+            except BaseException as exc:  # the copy's own error (the wait is shielded)
+                handle._copying = None
+                self._finish_unsent(handle, _as_error(exc, handle.step))
+                return
+        finally:
+            self._settle(handle)  # a handle already done lets go of its slot now
+        if handle._copying is None:  # a guard handed it over (and closed fd) already
+            return
+        _, _, overwrite = handle._copying
+        handle._copying = None
+        try:
+            if handle.done():  # finished meanwhile (the checkpointer closed)
+                return
+            # A cancellation that arrived during the copy aborts the save here. Alone,
+            # nothing is sent. With several ranks the save is sent and cancelled at once,
+            # so every rank's daemon still takes part in (and agrees to cancel) this
+            # step: the ranks stay in lockstep.
+            lockstep = self._group is not None and self._group.distributed
+            if handle._cancel_requested and not lockstep:
+                self._finish_unsent(
+                    handle,
+                    CheckpointCancelledError(
                         f"save of step {handle.step} was cancelled while staging; "
                         "nothing was published",
                         step=handle.step,
-                    )
-                self._send_save(handle, gen, slot, fd, nbytes, overwrite)
-                if handle._cancel_requested:
-                    self._send_cancel(handle)
-            finally:
-                os.close(fd)
-        except BaseException as exc:
-            if handle._gen is not None:  # sent: its generation finishes it
-                raise
-            error = (
-                exc
-                if isinstance(exc, Exception)
-                else CheckpointCancelledError(
-                    f"save of step {handle.step} was cancelled while staging", step=handle.step
+                    ),
                 )
-            )
-            if self._finish(handle, None, error) and not raise_errors:
-                self._unobserved.append(handle)
-            if raise_errors or not isinstance(exc, Exception):
-                handle._observed = True
-                raise
+                return
+            self._send_save(handle, gen, handle._slot, fd, nbytes, overwrite)
+            if handle._cancel_requested:
+                self._send_cancel(handle)
+        except Exception as exc:
+            if handle._gen is None:  # not sent: the handle reports it
+                self._finish_unsent(handle, exc)
             return
+        finally:
+            os.close(fd)
+        handle._staged_event.set()
         self._emit(handle, "staged", 0, handle._nbytes)
 
+    def _finish_unsent(self, handle: SaveHandle, error: BaseException) -> None:
+        """Finish a save that never reached a daemon; its error waits for ``wait()``
+        unless its caller has seen it."""
+        if self._finish(handle, None, error) and not handle._observed:
+            self._unobserved.append(handle)
+
+    def _early_pointers(self) -> frozenset[int]:
+        """Storage addresses of guarded modules' buffers: copied first, so a guarded
+        forward (which may update them, as BatchNorm does) waits only for those."""
+        return frozenset(p for guard in self._guards for p in guard.buffer_pointers())
+
     def _stage_blocking(
-        self, state_dict: Mapping[str, Any], handle: SaveHandle, overwrite: bool, stream: Any
+        self,
+        state_dict: Mapping[str, Any],
+        handle: SaveHandle,
+        overwrite: bool,
+        stream: Any,
+        early: frozenset[int],
     ) -> tuple[int, int]:
-        """Worker thread: flatten, fit the slot's arena, copy, write the skeleton memfd."""
+        """Copy thread: flatten, fit the slot's arena, copy, write the skeleton memfd."""
         step = handle.step
         if not overwrite and _storage.step_dir(self.root, step).exists():
             raise CheckpointExistsError(f"step {step} already exists in {self.root}")
         # No GC pass (a full collection can hold the GIL for 100s of ms), and short
-        # GIL switch intervals, while this thread runs Python code per tensor.
+        # GIL switch intervals, while this thread runs Python code per tensor. Both
+        # are this thread's to restore, whatever happens to the caller.
         with gc_paused(), quick_switching():
             flat = flatten(state_dict)
             slot = handle._slot
             arena = slot.fit(flat)
-            arena.stage(flat, stream=stream)
+            first = []
+            if early:  # guarded modules' buffers go first
+                first = [i for i, t in enumerate(flat.tensors) if t.data_ptr() in early]
+            arena.stage(flat, stream=stream, first=first, on_first=handle._buffers_flag.set)
             handle._nbytes = arena.used_bytes
             handle._stage_seconds = time.perf_counter() - handle._t0
             handle._staged_flag.set()  # the sources may change now (guards wake up here)
@@ -201,6 +218,8 @@ class Saving(Parts):
             pending = handle._copying
             if pending is None or not handle.is_staged() or handle._cancel_requested:
                 continue
+            if handle.done():
+                continue
             copying, gen, overwrite = pending
             if self._group is not None and self._group.distributed:
                 continue  # ranks hand over in lockstep, from their tasks
@@ -210,14 +229,14 @@ class Saving(Parts):
             handle._copying = None
             fd, nbytes = value
             try:
-                handle._staged_event.set()
                 self._send_save(handle, gen, handle._slot, fd, nbytes, overwrite)
             except Exception as exc:  # never into the user's optimizer.step()
-                if handle._gen is None and self._finish(handle, None, exc):
-                    self._unobserved.append(handle)  # not sent: the handle reports it
+                if handle._gen is None:
+                    self._finish_unsent(handle, exc)  # not sent: the handle reports it
                 continue  # sent: its generation finishes it
             finally:
                 os.close(fd)
+            handle._staged_event.set()
             self._emit(handle, "staged", 0, handle._nbytes)
 
     def _send_save(
@@ -293,6 +312,32 @@ class Saving(Parts):
             None,
         )
         return handle
+
+
+def _copy_stopped(handle: SaveHandle, error: BaseException | None) -> None:
+    """The copy thread's last act: after a failure nothing reads the sources any more,
+    so guards waiting on them wake up (and report ``error``)."""
+    if error is not None:
+        handle._copy_error = error
+        handle._buffers_flag.set()
+        handle._staged_flag.set()
+
+
+def _as_error(exc: BaseException, step: int) -> Exception:
+    if isinstance(exc, Exception):
+        return exc
+    return CheckpointCancelledError(f"save of step {step} was cancelled", step=step)
+
+
+def taken_now(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``state_dict`` with its top-level ``Stateful`` values replaced by their
+    ``state_dict()``, called now: the Python values in them (a learning rate, a step
+    count) are the call's, whatever changes before an overlapped copy runs."""
+    if not isinstance(state_dict, Mapping) or not any(
+        _is_stateful(v) for v in state_dict.values()
+    ):
+        return state_dict
+    return {k: (v.state_dict() if _is_stateful(v) else v) for k, v in state_dict.items()}
 
 
 def _cuda_stream() -> Any:

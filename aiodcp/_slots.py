@@ -1,10 +1,12 @@
-"""Staging slots: each owns one arena at a time, and has exactly one holder at a time.
+"""Staging slots (each owns one arena at a time and has exactly one holder at a time),
+and the copy thread that writes into one.
 
-A slot is taken by ``save()`` (its holder is then the save's handle, until the
-handle is done) or by ``prepare()`` (holder ``PREPARE``, for the span of one
-call), and given back by the same holder in one ``try/finally``. Taking waits
-on one semaphore, so ``max_inflight`` bounds staged-or-persisting saves, and
-no two users can ever copy into one arena at once.
+A slot is taken by ``save()`` -- its holder is then the save's handle, until the
+handle is done *and* its :class:`CopyThread` has stopped -- or by ``prepare()``
+(holder: a token of that call, given back in the call's ``finally``). Taking
+waits on one semaphore, so ``max_inflight`` bounds staged-or-persisting saves,
+and no two users can ever copy into one arena at once: a save whose caller was
+cancelled mid-copy keeps its slot until the copy has stopped.
 """
 
 from __future__ import annotations
@@ -12,17 +14,16 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 import anyio
+import anyio.to_thread
 
 from . import _protocol as p
 from ._arena import Arena
 from ._staging import Flat
 
-__all__ = ["PREPARE", "CopyThread", "Slot", "SlotPool"]
-
-PREPARE: Final = "prepare"
+__all__ = ["CopyThread", "Slot", "SlotPool"]
 
 
 @dataclass
@@ -106,12 +107,26 @@ class SlotPool:
 
 
 class CopyThread:
-    """The blocking copy of an overlapped save, running from construction on in a
-    thread of its own (not one the event loop has yet to hand out)."""
+    """The blocking copy of one save, in a thread of its own from construction on (not
+    one the event loop has yet to hand out, so a guard blocking the loop's thread never
+    waits for a copy that only the loop could start).
 
-    def __init__(self, fn: Callable[..., tuple[int, int]], *args: Any) -> None:
+    It owns everything the copy touches until it has *stopped*: ``on_stop(error)`` runs
+    in the thread as its last act (success or failure), then :attr:`stopped` is set.
+    Nothing the caller does -- asyncio's ``task.cancel()``, an anyio scope, a
+    ``KeyboardInterrupt`` -- can end it early; whoever gives the slot back waits for it.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., tuple[int, int]],
+        *args: Any,
+        on_stop: Callable[[BaseException | None], None] = lambda error: None,
+    ) -> None:
         self._value: tuple[int, int] | None = None
         self._error: BaseException | None = None
+        self._on_stop = on_stop
+        self.stopped = threading.Event()
         self._thread = threading.Thread(
             target=self._run, args=(fn, args), name="aiodcp-stage", daemon=True
         )
@@ -122,6 +137,11 @@ class CopyThread:
             self._value = fn(*args)
         except BaseException as exc:
             self._error = exc
+        finally:
+            try:
+                self._on_stop(self._error)
+            finally:
+                self.stopped.set()
 
     def join(self) -> tuple[int, int] | None:
         """Block until the copy thread ends; its value, or None if it failed."""
@@ -129,7 +149,8 @@ class CopyThread:
         return self._value if self._error is None else None
 
     async def result(self) -> tuple[int, int]:
-        """Wait for the copy; a cancellation waits for it too (it writes into the slot)."""
+        """Wait for the copy to stop (shielded: it writes into the slot); its value, or
+        its error raised. Only the copy's owner (the save's stage task) calls this."""
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(self._thread.join)
         if self._error is not None:
