@@ -252,6 +252,7 @@ class Saving(Parts):
         handle._req_id = self._next_req
         self._next_req += 1
         handle._gen = gen
+        handle._move("persisting")
         gen.pending[handle._req_id] = handle
         gen.send(p.Save(handle._req_id, handle.step, slot.arena.arena_id, nbytes, ow), fd=fd)
         if slot.retired:
