@@ -260,9 +260,10 @@ def _read_latest_file(root: Path) -> int | None:
         return None
     except OSError:
         return -1  # a directory someone put there: not a step
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return -1  # a directory, a FIFO, a device: never read from it
     with open(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            return -1  # a FIFO, a device: never read from it
         data = f.read(64)
     m = _STEP_LINE.match(data.strip())
     return int(m.group(1)) if m else -1
@@ -320,10 +321,11 @@ def read_commits(root: Path, offset: int) -> tuple[list[int], int] | None:
         return None
     except OSError as exc:
         raise CheckpointError(f"commit log {path} is unreadable: {exc}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise CheckpointError(f"commit log {path} is not a regular file")
     with open(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise CheckpointError(f"commit log {path} is not a regular file")
         if offset > st.st_size:
             offset = 0
         f.seek(offset)
