@@ -190,15 +190,17 @@ async def test_plain_values_and_optimizer_state_load_without_the_opt_in(tmp_path
         b"[" * 100_000,
         b'{"format": "aiodcp-manifest", "version": 1, "step": 1, "hash": "xxh3_64",'
         b' "files": {".metadata": {"size": 1e999, "xxh3_64": "0"}}}',
-        pickle.dumps({"x": 1}),
+        b'{"format": "aiodcp-manifest", "version": 1, "step": 1, "hash": "xxh3_64",'
+        b' "files": {"a\\u0000b": {"size": 1, "xxh3_64": "0"}}}',
     ],
-    ids=["deep", "infinite-size", "pickle"],
+    ids=["deep", "infinite-size", "nul-in-name"],
 )
 async def test_malformed_manifest_is_corrupt(
     tmp_path: Path, content: bytes, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A manifest that is not aiodcp's JSON (nested past the recursion limit, an
-    infinite size, a pickle): CheckpointCorruptError from load, `verify` exit 1."""
+    """A manifest that is not aiodcp's (JSON nested past the recursion limit, an
+    infinite size, a file name with a NUL): CheckpointCorruptError from load,
+    `verify` exit 1."""
     root = tmp_path / "ck"
     path = await _run(_commit, root, 1, 1.0)
     (path / _manifest.MANIFEST).write_bytes(content)
