@@ -463,12 +463,13 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
         step: int | None = None,
         verify: bool = False,
         fallback: bool = False,
+        weights_only: bool = True,
     ) -> int:
         """Load a committed step into ``state_dict`` in place; return the step.
 
         ``step=None`` loads the latest. Runs DCP's load off the event loop on
-        this checkpointer's process group (resharding as DCP does). ``verify``
-        and ``fallback`` and the errors are as in :func:`aiodcp.load`.
+        this checkpointer's process group (resharding as DCP does). ``verify``,
+        ``fallback``, ``weights_only`` and the errors are as in :func:`aiodcp.load`.
         """
         self._check_open()
         return await load_checkpoint(
@@ -478,6 +479,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
             group=self._group,
             verify=verify,
             fallback=fallback,
+            weights_only=weights_only,
         )
 
     def watch(

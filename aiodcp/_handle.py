@@ -21,7 +21,6 @@ copy ends, and only then is it *settled* (``ckpt.wait()`` waits for that).
 from __future__ import annotations
 
 import functools
-import pickle
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -31,7 +30,7 @@ from typing import Any, Literal
 
 import anyio
 
-from ._errors import CheckpointCancelledError, CheckpointError
+from ._errors import CheckpointCancelledError
 
 __all__ = ["TRANSITIONS", "SaveEvent", "SaveHandle", "SaveResult"]
 
@@ -67,14 +66,18 @@ class SaveResult:
 
         Read from ``path/.metadata`` on first access (it can be large: tens of MB
         for 100,000 tensors), so a save that nobody inspects costs nothing here.
+        It is unpickled admitting only the types DCP writes there.
+
+        Raises:
+            CheckpointNotFoundError: the step's ``.metadata`` is gone (deleted since).
+            CheckpointCorruptError: it is not DCP metadata (never unpickled with
+                other globals).
         """
         if self.skipped:
             return None
-        try:
-            with open(self.path / ".metadata", "rb") as f:
-                return pickle.load(f)
-        except OSError as exc:
-            raise CheckpointError(f"metadata of step {self.step} is unreadable: {exc}") from exc
+        from ._safe import load_metadata
+
+        return load_metadata(self.path, self.step)  # only the types DCP writes there
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from . import _manifest, _retention, _storage
+from . import _manifest, _retention, _safe, _storage
 from ._dist import Group, from_rank0, resolve_group
 from ._errors import (
     CheckpointCorruptError,
@@ -27,30 +27,58 @@ __all__ = ["hold", "load", "load_checkpoint"]
 log = logging.getLogger("aiodcp")
 
 
-def _choose_step(root: Path, step: int | None, verify: bool, fallback: bool) -> int:
-    """Which step to load, checked (sizes; checksums with ``verify``). Rank 0 runs it.
+def _choose_step(
+    root: Path, step: int | None, verify: bool, fallback: bool
+) -> tuple[int, int | None]:
+    """Which step to load, leased first, then checked (sizes; checksums with ``verify``).
+    Rank 0 runs it. Returns the step and its lease (None on a read-only root): the
+    caller loads under the lease and releases it.
 
-    With ``step=None`` and ``fallback``: the newest step that verifies, each skipped
-    one logged with the reason; without ``fallback`` a damaged latest raises.
+    The lease comes before the check so that retention cannot delete the step while
+    it is hashed or loaded. With ``step=None`` a step that vanished before it was
+    leased (retention, after a newer commit) is skipped and the listing read again,
+    newest first. With ``fallback``: the newest step that verifies, each skipped one
+    logged with the reason; without ``fallback`` a damaged latest raises.
     """
     if step is not None:
-        if not _storage.is_committed(root, step):
-            raise CheckpointNotFoundError(f"step {step} is not committed in {root}")
-        _manifest.verify(_storage.step_dir(root, step), checksums=verify)
-        return step
-    steps = _storage.list_steps(root)
-    if not steps:
-        raise CheckpointNotFoundError(f"no committed checkpoint in {root}")
-    for candidate in reversed(steps):
+        lease = _try_hold(root, step)
+        try:
+            if lease is None and not _storage.is_committed(root, step):
+                raise CheckpointNotFoundError(f"step {step} is not committed in {root}")
+            _manifest.verify(_storage.step_dir(root, step), checksums=verify)
+        except BaseException:
+            _release(root, lease)
+            raise
+        return step, lease
+    tried: set[int] = set()
+    failed: list[int] = []
+    while True:
+        candidates = [s for s in reversed(_storage.list_steps(root)) if s not in tried]
+        if not candidates:
+            break
+        candidate = candidates[0]
+        tried.add(candidate)
+        try:
+            lease = _try_hold(root, candidate)
+        except CheckpointNotFoundError:
+            log.info("load: step %d of %s vanished before it was leased", candidate, root)
+            continue  # retention deleted it: a newer step is there, read the listing again
         try:
             _manifest.verify(_storage.step_dir(root, candidate), checksums=verify)
-            return candidate
+            return candidate, lease
         except (CheckpointCorruptError, CheckpointNotFoundError) as exc:
+            _release(root, lease)
             if not fallback:
                 raise
+            failed.append(candidate)
             log.warning("load: skipping step %d of %s: %s", candidate, root, exc)
+        except BaseException:
+            _release(root, lease)
+            raise
+    if not failed:
+        raise CheckpointNotFoundError(f"no committed checkpoint in {root}")
     raise CheckpointCorruptError(
-        f"no step in {root} verifies (checked {len(steps)}: {steps[0]}..{steps[-1]})"
+        f"no step in {root} verifies (checked {len(failed)}: {min(failed)}..{max(failed)})"
     )
 
 
@@ -140,33 +168,57 @@ def _dcp_failure(exc: BaseException) -> str:
     return "; ".join(parts)
 
 
+def _checkpoint_error(exc: BaseException) -> CheckpointError | None:
+    """aiodcp's own error raised inside DCP's load (the safe reader's or planner's),
+    unwrapped from DCP's ``CheckpointException``; the lowest rank's."""
+    failures = getattr(exc, "failures", None)
+    if not isinstance(failures, dict):
+        return None
+    for rank, f in sorted(failures.items()):
+        inner = f[0] if isinstance(f, tuple) else f
+        if isinstance(inner, CheckpointError):
+            if len(failures) > 1:
+                inner.args = (f"rank {rank}: {inner}",)
+            return inner
+    return None
+
+
 def _load_blocking(
-    state_dict: Any, root: Path, step: int | None, group: Group, verify: bool, fallback: bool
+    state_dict: Any,
+    root: Path,
+    step: int | None,
+    group: Group,
+    verify: bool,
+    fallback: bool,
+    weights_only: bool = True,
 ) -> int:
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
     _storage.check_step(step)
-    if group.distributed:
-        # Every rank must load the same step, or raise the same error: rank 0 decides.
-        mine: int | CheckpointError | None = None
-        if group.rank == 0:
-            try:
-                mine = _choose_step(root, step, verify, fallback)
-            except CheckpointError as exc:
-                mine = exc
-        chosen = from_rank0(group, mine)
-        if isinstance(chosen, CheckpointError):
-            raise chosen
-        assert isinstance(chosen, int)
-        step = chosen
-    else:
-        step = _choose_step(root, step, verify, fallback)
-    path = _storage.step_dir(root, step)
-    lease = _try_hold(root, step)
+    lease: int | None = None
+    err: CheckpointError | None = None
     try:
-        err: CheckpointError | None
+        if group.distributed:
+            # Every rank must load the same step, or raise the same error: rank 0 decides
+            # (and holds its lease from before the check until every rank has loaded).
+            mine: int | CheckpointError | None = None
+            if group.rank == 0:
+                try:
+                    mine, lease = _choose_step(root, step, verify, fallback)
+                except CheckpointError as exc:
+                    mine = exc
+            chosen = from_rank0(group, mine)
+            if isinstance(chosen, CheckpointError):
+                raise chosen
+            assert isinstance(chosen, int)
+            step = chosen
+        else:
+            step, lease = _choose_step(root, step, verify, fallback)
+        path = _storage.step_dir(root, step)
         try:
+            if lease is None and group.rank != 0:
+                lease = _try_hold(root, step)
             metadata = _manifest.verify(path, checksums=False)  # cheap; gives the metadata
             err = _mismatch(state_dict, metadata, step)
         except CheckpointError as exc:
@@ -178,25 +230,41 @@ def _load_blocking(
         try:
             dcp_load(
                 state_dict,
-                checkpoint_id=path,
+                # reads .metadata only through aiodcp's restricted unpickler (here: hands
+                # back the one just checked), non-tensor values with torch.load(weights_only)
+                storage_reader=_safe.storage_reader(path, metadata=metadata, step=step),
+                planner=_safe.load_planner(weights_only=weights_only, step=step),
                 process_group=group.pg if group.distributed else None,
                 no_dist=not group.distributed,
             )
         except CheckpointException as exc:
+            own = _checkpoint_error(exc)
+            if own is not None:
+                raise own from None
             raise CheckpointError(f"loading {path} failed: {_dcp_failure(exc)}") from None
+        except CheckpointError:
+            raise
         except Exception as exc:
             raise CheckpointError(f"loading {path} failed: {type(exc).__name__}: {exc}") from exc
     finally:
-        if lease is not None:
-            _retention.release_hold(root, lease)
+        _release(root, lease)
     return step
 
 
 def _try_hold(root: Path, step: int) -> int | None:
-    """Lease the step while loading, where the root is writable (read-only roots skip it)."""
+    """Lease the step while loading, where the root is writable (read-only roots skip it).
+
+    Raises:
+        CheckpointNotFoundError: the step is not committed (or was just deleted).
+    """
     if not os.access(root, os.W_OK):
         return None
     return _retention.hold_step(root, step)
+
+
+def _release(root: Path, lease: int | None) -> None:
+    if lease is not None:
+        _retention.release_hold(root, lease)
 
 
 async def load_checkpoint(
@@ -207,11 +275,12 @@ async def load_checkpoint(
     group: Group | None,
     verify: bool = False,
     fallback: bool = False,
+    weights_only: bool = True,
 ) -> int:
     if group is None:
         group = resolve_group(None)
     return await anyio.to_thread.run_sync(
-        _load_blocking, state_dict, root, step, group, verify, fallback
+        _load_blocking, state_dict, root, step, group, verify, fallback, weights_only
     )
 
 
@@ -223,6 +292,7 @@ async def load(
     process_group: Any = None,
     verify: bool = False,
     fallback: bool = False,
+    weights_only: bool = True,
 ) -> int:
     """Load a committed checkpoint into ``state_dict`` in place, without a daemon.
 
@@ -237,7 +307,15 @@ async def load(
     checksum (reads the whole step once more). ``fallback=True`` with
     ``step=None`` loads the newest step that passes those checks, logging each
     one it skips (logger ``aiodcp``). With several ranks, rank 0 decides the step
-    and every rank raises the same error.
+    and every rank raises the same error. The step is leased (:func:`hold`) before
+    it is checked, so retention cannot delete it meanwhile.
+
+    Reading never runs code from the checkpoint: ``.metadata`` is unpickled
+    admitting only the types DCP writes there, and non-tensor values with
+    ``torch.load(weights_only=True)`` (plain Python values, containers, tensors,
+    and the types registered with ``torch.serialization.add_safe_globals``).
+    ``weights_only=False`` unpickles non-tensor values of any type, as DCP's own
+    load does: only for checkpoints you trust, since unpickling can run code.
 
     Raises:
         CheckpointNotFoundError: no such committed step.
@@ -245,7 +323,8 @@ async def load(
             (step and file named); with ``fallback``, no step verifies.
         CheckpointMismatchError: keys of ``state_dict`` the checkpoint lacks, or
             tensors of another shape (all named).
-        CheckpointError: DCP's load failed (its error, in one line per rank).
+        CheckpointError: DCP's load failed (its error, in one line per rank); a
+            non-tensor value needs a type ``weights_only=True`` does not admit.
     """
     path = await anyio.to_thread.run_sync(_storage.abspath, root)
     return await load_checkpoint(
@@ -255,6 +334,7 @@ async def load(
         group=resolve_group(process_group),
         verify=verify,
         fallback=fallback,
+        weights_only=weights_only,
     )
 
 

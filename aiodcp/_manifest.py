@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 import xxhash
 
 from ._errors import CheckpointCorruptError, CheckpointNotFoundError
+from ._safe import load_metadata, safe_relative
 
 __all__ = [
     "MANIFEST",
@@ -78,7 +79,7 @@ def write_manifest(path: Path, step: int, files: dict[str, tuple[int, str]]) -> 
 
 
 def _step_of(path: Path) -> int | None:
-    m = re.search(r"step_(\d+)", path.name)
+    m = re.search(r"step_([0-9]{1,18})", path.name)
     return int(m.group(1)) if m else None
 
 
@@ -95,26 +96,30 @@ def read_manifest(path: Path, *, step: int | None = None) -> dict[str, tuple[int
             raise ValueError(f"unknown manifest version {doc.get('version')!r}")
         if step is not None and doc.get("step") != step:
             raise ValueError(f"it is the manifest of step {doc.get('step')}")
-        return {str(name): (int(e["size"]), str(e["xxh3_64"])) for name, e in doc["files"].items()}
+        files = {str(name): (int(e["size"]), str(e["xxh3_64"])) for name, e in doc["files"].items()}
+        for name, (size, _) in files.items():
+            if not safe_relative(name) or size < 0:
+                raise ValueError(f"it names {name!r} ({size} bytes), not a file of the step")
+        return files
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+    except (
+        OSError,
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+        OverflowError,
+        RecursionError,
+    ) as exc:
         raise CheckpointCorruptError(
             f"step {step}: {MANIFEST} in {path} is unreadable: {exc}", step=step, file=MANIFEST
         ) from None
 
 
 def _load_metadata(path: Path, step: int | None) -> Any:
-    meta_path = path / METADATA
-    try:
-        with open(meta_path, "rb") as f:
-            return pickle.load(f)
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(f"{meta_path} is missing") from None
-    except Exception as exc:
-        raise CheckpointCorruptError(
-            f"step {step}: {meta_path} is unreadable: {exc}", step=step, file=METADATA
-        ) from exc
+    """``.metadata`` through aiodcp's restricted unpickler (never arbitrary globals)."""
+    return load_metadata(path, step)
 
 
 def _needed_bytes(metadata: Any, step: int | None) -> dict[str, int]:
@@ -165,14 +170,13 @@ def verify(path: Path, *, checksums: bool, step: int | None = None) -> Any:
     manifest = read_manifest(path, step=step)
     for name, (size, digest) in sorted((manifest or {}).items()):
         file = path / name
-        try:
-            actual = file.stat().st_size
-        except FileNotFoundError:
+        actual = _regular_size(file, step, name)
+        if actual is None:
             if name == METADATA:
-                raise CheckpointNotFoundError(f"{file} is missing") from None
+                raise CheckpointNotFoundError(f"{file} is missing")
             raise CheckpointCorruptError(
                 f"step {step}: checkpoint file {file} is missing", step=step, file=name
-            ) from None
+            )
         if actual != size:
             how = "truncated" if actual < size else "longer than committed"
             raise CheckpointCorruptError(
@@ -180,7 +184,7 @@ def verify(path: Path, *, checksums: bool, step: int | None = None) -> Any:
                 step=step,
                 file=name,
             )
-        if checksums and file_digest(file)[1] != digest:
+        if checksums and _digest(file, step, name) != digest:
             raise CheckpointCorruptError(
                 f"step {step}: checkpoint file {file} is corrupt: its xxh3_64 checksum "
                 f"differs from the one committed ({digest})",
@@ -190,12 +194,11 @@ def verify(path: Path, *, checksums: bool, step: int | None = None) -> Any:
     metadata = _load_metadata(path, step)
     for rel, size in sorted(_needed_bytes(metadata, step).items()):
         file = path / rel
-        try:
-            actual = file.stat().st_size
-        except FileNotFoundError:
+        actual = _regular_size(file, step, rel)
+        if actual is None:
             raise CheckpointCorruptError(
                 f"step {step}: checkpoint file {file} is missing", step=step, file=rel
-            ) from None
+            )
         if actual < size:
             raise CheckpointCorruptError(
                 f"step {step}: checkpoint file {file} is truncated: {actual} bytes, "
@@ -204,3 +207,30 @@ def verify(path: Path, *, checksums: bool, step: int | None = None) -> Any:
                 file=rel,
             )
     return metadata
+
+
+def _regular_size(file: Path, step: int | None, name: str) -> int | None:
+    """The size of a regular file; None if it is missing. Anything else a step cannot
+    hold (a FIFO, a device, a directory: reading it could hang or never end) is corrupt."""
+    try:
+        st = file.stat()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise CheckpointCorruptError(
+            f"step {step}: checkpoint file {file} is unreadable: {exc}", step=step, file=name
+        ) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointCorruptError(
+            f"step {step}: checkpoint file {file} is not a regular file", step=step, file=name
+        )
+    return st.st_size
+
+
+def _digest(file: Path, step: int | None, name: str) -> str:
+    try:
+        return file_digest(file)[1]
+    except OSError as exc:  # deleted or replaced meanwhile (not under a lease)
+        raise CheckpointCorruptError(
+            f"step {step}: checkpoint file {file} could not be read: {exc}", step=step, file=name
+        ) from None

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from ._errors import CheckpointNotFoundError
+from ._errors import CheckpointError, CheckpointNotFoundError
 from ._manifest import METADATA
 from ._storage import HOLDS_DIR, LOCK, TRASH_PREFIX, fsync_dir, is_managed, list_steps, step_dir
 
@@ -26,8 +26,14 @@ __all__ = ["apply_retention", "hold_step", "release_hold", "retention_victims"]
 @contextlib.contextmanager
 def _holds_lock(root: Path) -> Iterator[Path]:
     holds = root / HOLDS_DIR
-    holds.mkdir(exist_ok=True)
-    fd = os.open(holds / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        holds.mkdir(exist_ok=True)
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+        fd = os.open(holds / LOCK, flags, 0o600)
+    except FileExistsError:
+        raise CheckpointError(f"{holds} is not a directory: readers' leases cannot work") from None
+    except OSError as exc:
+        raise CheckpointError(f"readers' leases in {holds} are unusable: {exc}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield holds
@@ -61,10 +67,10 @@ def release_hold(root: Path, fd: int) -> None:
 def _is_held(holds: Path, step: int) -> bool:
     held = False
     for lease in holds.glob(f"step_{step}.*"):
-        try:
-            fd = os.open(lease, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            continue
+        try:  # never follow a link, never block on a FIFO; its content is never read
+            fd = os.open(lease, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue  # gone, a directory, a link: not a lease aiodcp made
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

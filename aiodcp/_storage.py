@@ -36,6 +36,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import uuid
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,10 @@ __all__ = [
     "fsync_dir",
 ]
 
-STEP_RE = re.compile(r"^step_(\d+)$")
+# ASCII digits, no leading zero, at most 18 of them: the name is exactly step_dir()'s
+# (``\d`` would match other scripts' digits; a 5,000-digit name would make int() raise)
+STEP_RE = re.compile(r"^step_(0|[1-9][0-9]{0,17})$", re.ASCII)
+_STEP_LINE = re.compile(rb"^(0|[1-9][0-9]{0,17})$")
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 LATEST = "latest"
@@ -248,11 +252,21 @@ def commit(root: Path, tmp: Path, step: int, *, overwrite: bool) -> Path:
 
 
 def _read_latest_file(root: Path) -> int | None:
+    """The step ``latest`` names; None when there is none, -1 when it is not a step
+    (any bytes at all: it is only compared with the listing, never trusted)."""
     try:
-        text = (root / LATEST).read_text().strip()
+        fd = os.open(root / LATEST, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
-    return int(text) if text.isdigit() else -1
+    except OSError:
+        return -1  # a directory someone put there: not a step
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return -1  # a directory, a FIFO, a device: never read from it
+    with open(fd, "rb") as f:
+        data = f.read(64)
+    m = _STEP_LINE.match(data.strip())
+    return int(m.group(1)) if m else -1
 
 
 def reconcile(root: Path) -> list[int]:
@@ -294,18 +308,30 @@ def read_commits(root: Path, offset: int) -> tuple[list[int], int] | None:
 
     None when the root has no log (written by plain DCP or an older aiodcp). A line
     still being written is left for the next call. A log shorter than ``offset``
-    (replaced or truncated by hand) is read again from its start.
+    (replaced or truncated by hand) is read again from its start. Lines that are not
+    a step number are skipped.
+
+    Raises:
+        CheckpointError: the log is not a regular file (a directory, a FIFO).
     """
+    path = root / COMMITS
     try:
-        with open(root / COMMITS, "rb") as f:
-            if offset > os.fstat(f.fileno()).st_size:
-                offset = 0
-            f.seek(offset)
-            data = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise CheckpointError(f"commit log {path} is unreadable: {exc}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise CheckpointError(f"commit log {path} is not a regular file")
+    with open(fd, "rb") as f:
+        if offset > st.st_size:
+            offset = 0
+        f.seek(offset)
+        data = f.read()
     end = data.rfind(b"\n") + 1
-    steps = [int(line) for line in data[:end].split() if line.isdigit()]
+    steps = [int(line) for line in data[:end].split() if _STEP_LINE.match(line)]
     return steps, offset + end
 
 
