@@ -10,6 +10,10 @@ The whole public API::
     step = await aiodcp.load(state_dict, "checkpoints")   # readers: no daemon
     async for step in aiodcp.watch("checkpoints"): ...    # follow new commits
     async with aiodcp.hold("checkpoints", step): ...      # keep retention off it
+
+    await ckpt.publish(state_dict, version=step)          # live, same host, no disk
+    async for version in aiodcp.follow("checkpoints"):    # readers: newest version
+        async with version: await version.copy_into(state_dict)
 """
 
 import warnings as _warnings
@@ -23,10 +27,13 @@ from ._errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
     ProtocolError,
+    PublisherGoneError,
     SaveFailedError,
     WorkerDiedError,
 )
+from ._follow import Follower, Version, follow
 from ._load import hold, load
+from ._publish import Publisher
 from ._watch import watch
 
 __version__ = "0.1.0"
@@ -45,13 +52,18 @@ __all__ = [
     "CheckpointExistsError",
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
+    "Follower",
     "ProtocolError",
+    "Publisher",
+    "PublisherGoneError",
     "SaveEvent",
     "SaveFailedError",
     "SaveHandle",
     "SaveResult",
+    "Version",
     "WorkerDiedError",
     "__version__",
+    "follow",
     "hold",
     "load",
     "watch",
