@@ -207,6 +207,7 @@ class Follower:
         self._inotify: int | None = None
         self._closed = False
         self._unsent: list[bytes] = []
+        self._name: bytes | None = None
 
     def __aiter__(self) -> Follower:
         return self
@@ -256,12 +257,14 @@ class Follower:
     # ---------------------------------------------------------------- memory
     async def _connect(self) -> None:
         """Connect to the publisher; "memory" waits for one, the others try once."""
+        if self._name is None:
+            self._name = await anyio.to_thread.run_sync(socket_name, self.root, self.rank)
         while True:
             sock = socket.socket(
                 socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
             )
             try:
-                sock.connect(socket_name(self.root, self.rank))
+                sock.connect(self._name)
                 if peer_uid(sock) != os.getuid():
                     raise CheckpointError(f"the publisher of {self.root} runs as another user")
             except (ConnectionRefusedError, FileNotFoundError, BlockingIOError):

@@ -38,10 +38,11 @@ import anyio.to_thread
 from . import _pubwire as w
 from ._arena import Arena
 from ._errors import CheckpointError, ProtocolError
+from ._parts import Parts
 from ._staging import Flat
 from ._versions import Sealed, seal_from_arena, seal_from_state
 
-__all__ = ["Publisher", "Ticket", "socket_name"]
+__all__ = ["Publisher", "Publishing", "Ticket", "socket_name"]
 
 log = logging.getLogger("aiodcp")
 
@@ -206,14 +207,27 @@ class Publisher:
         self._inbox_lock = threading.Lock()
         self._wake_r = self._wake_w = -1
         self._open = False
+        self._started = anyio.Event()  # (a checkpointer's publisher) opened, or
+        self._failed = anyio.Event()  # failed to
+
+    async def _failed_or_started(self) -> None:
+        async with anyio.create_task_group() as tg:
+
+            async def on(event: anyio.Event) -> None:
+                await event.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(on, self._started)
+            tg.start_soon(on, self._failed)
 
     # ------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> Publisher:
         if self._open or self._tg is not None:
             raise RuntimeError("a Publisher can be opened once")
+        name = await anyio.to_thread.run_sync(socket_name, self.root, self.rank)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            sock.bind(socket_name(self.root, self.rank))
+            sock.bind(name)
         except OSError as exc:
             sock.close()
             raise CheckpointError(
@@ -240,14 +254,14 @@ class Publisher:
         if not self._open:
             return
         self._open = False
-        with anyio.CancelScope(shield=True):
-            for reader in list(self._readers):
-                with contextlib.suppress(ProtocolError):
-                    reader.send(w.Closing())  # best effort: readers end their iteration
-            assert self._tg is not None
-            self._tg.cancel_scope.cancel()
-            with contextlib.suppress(Exception):
-                await self._tg.__aexit__(None, None, None)
+        for reader in list(self._readers):
+            with contextlib.suppress(ProtocolError):
+                reader.send(w.Closing())  # best effort: readers end their iteration
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+        try:
+            await self._tg.__aexit__(None, None, None)  # our tasks never raise
+        finally:
             self._close_all()
 
     def _close_all(self) -> None:
@@ -492,3 +506,69 @@ class Publisher:
         if self._open:
             self._trim()
             self._signal()
+
+
+_UNSET: Any = object()
+
+
+class Publishing(Parts):
+    """The publication part of :class:`aiodcp.AsyncCheckpointer` (a mixin)."""
+
+    _publisher: Publisher | None
+
+    async def publisher(self, *, ring: int = _UNSET, when_full: WhenFull = _UNSET) -> Publisher:
+        """This checkpointer's :class:`Publisher` (opened on first use, in its task group).
+
+        Readers ``aiodcp.follow(root)`` it. Options apply when it opens (default
+        ``ring=3``, ``when_full="skip"``); other options later are a ValueError. It
+        closes with the checkpointer (readers' iterations then end).
+        """
+        self._check_open()
+        if self._publisher is None:
+            pub = Publisher(
+                self.root,
+                rank=self.rank,
+                ring=3 if ring is _UNSET else ring,
+                when_full="skip" if when_full is _UNSET else when_full,
+            )
+            self._publisher = pub  # set first: a concurrent first call uses this one
+
+            async def host(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+                async with pub:
+                    task_status.started()
+                    await anyio.sleep_forever()
+
+            assert self._tg is not None
+            try:
+                await self._tg.start(host, name="publisher")
+            except BaseException:
+                self._publisher = None
+                pub._failed.set()
+                raise
+            pub._started.set()
+        elif not self._publisher._started.is_set():
+            await self._publisher._failed_or_started()
+            if self._publisher is None:
+                raise CheckpointError("the publisher failed to open")
+        current = self._publisher
+        assert current is not None
+        for name, value in (("ring", ring), ("when_full", when_full)):
+            if value is not _UNSET and getattr(current, name) != value:
+                raise ValueError(f"the publisher is open with {name}={getattr(current, name)!r}")
+        return current
+
+    async def publish(
+        self, state_dict: Mapping[str, Any], *, version: int | None = None
+    ) -> int | None:
+        """Publish ``state_dict`` to live readers on this host, without the disk.
+
+        As :meth:`Publisher.publish`: returns the version (default: the last + 1;
+        pass the step to keep versions and checkpoints comparable), or None when
+        the ring is full and ``when_full="skip"``.
+        """
+        pub = await self.publisher()
+        return await pub.publish(state_dict, version=version)
+
+    async def _reserve_publication(self, version: int) -> Ticket | None:
+        pub = await self.publisher()
+        return await pub.reserve(version)

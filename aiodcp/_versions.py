@@ -52,6 +52,7 @@ _MADV_POPULATE_READ = 22
 _MADV_POPULATE_WRITE = 23
 _COPY_CHUNK = 512
 _PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
+_MAP_FIXED = 0x10
 
 
 @dataclass
@@ -209,12 +210,21 @@ class Mapped:
             )
         self.size = size
         self.nbytes = nbytes
-        self._mm: mmap.mmap | None = mmap.mmap(fd, size, mmap.MAP_PRIVATE, _PROT_RW)
+        # An anonymous placeholder owns the address range (Python's mmap of a file would
+        # keep a dup of the descriptor open as long as a view lives); the version is
+        # mapped over it.
+        self._mm: mmap.mmap | None = mmap.mmap(-1, size, mmap.MAP_PRIVATE, _PROT_RW)
         try:
-            header = self._mm[header_offset : header_offset + header_nbytes]
-            table, self.skeleton = _HeaderUnpickler(io.BytesIO(header)).load()
             base = torch.frombuffer(self._mm, dtype=torch.uint8)
             self._addr = base.data_ptr()
+            addr = _libc().mmap(
+                ctypes.c_void_p(self._addr), size, _PROT_RW, mmap.MAP_PRIVATE | _MAP_FIXED, fd, 0
+            )
+            if addr != self._addr:
+                err = ctypes.get_errno()
+                raise OSError(err, f"mmap of a version failed: {os.strerror(err)}")
+            header = self._mm[header_offset : header_offset + header_nbytes]
+            table, self.skeleton = _HeaderUnpickler(io.BytesIO(header)).load()
             if nbytes:
                 _madvise_addr(self._addr, nbytes, _MADV_POPULATE_READ)
             self.views: list[torch.Tensor] | None = []
@@ -238,13 +248,13 @@ class Mapped:
         if mm is None:
             return
         libc = _libc()
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x10  # MAP_FIXED
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED
         if hasattr(self, "_addr"):
-            libc.mmap(ctypes.c_void_p(self._addr), self.size, mmap.PROT_READ, flags, -1, 0)
-        try:
-            mm.close()
-        except BufferError:  # the caller kept a view: the zero pages go when it does
-            pass
+            libc.mmap(ctypes.c_void_p(self._addr), self.size, _PROT_RW, flags, -1, 0)
+        # Never mm.close(): torch.frombuffer keeps a reference to ``mm`` but no buffer
+        # export, so close() would unmap under a view the caller kept. The mapping (zero
+        # pages now) goes when the last view does; at once if there is none.
+        del mm
 
 
 # ------------------------------------------------------------------ copy_into
