@@ -14,6 +14,7 @@ import anyio
 import anyio.to_thread
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 import aiodcp
 from aiodcp import CheckpointExistsError, CheckpointNotFoundError, WorkerDiedError
@@ -37,7 +38,7 @@ def _state(value: float = 1.0) -> dict:
 def _incomplete(root: Path, step: int) -> Path:
     """``step_<step>/`` as a crashed plain ``dcp.save`` leaves it: data, no ``.metadata``."""
     path = s.step_dir(root, step)
-    path.mkdir(parents=True)
+    path.mkdir(parents=True, exist_ok=True)
     (path / "__0_0.distcp").write_bytes(b"half a checkpoint")
     return path
 
@@ -45,13 +46,20 @@ def _incomplete(root: Path, step: int) -> Path:
 # ------------------------------------------------------------------ 5: step=None wedged
 @pytest.mark.asyncio
 async def test_step_none_skips_an_incomplete_step_dir_and_never_touches_it(root: Path) -> None:
-    """A ``step_3/`` without .metadata: step=None saves pick 4, 5 (not 3 forever); step 3 is
-    never listed, loaded or deleted by retention; save(step=3) says what it is."""
-    await anyio.to_thread.run_sync(_incomplete, root, 3)
+    """Steps 0-2 committed, then a ``step_3/`` without .metadata: step=None saves pick 4, 5
+    (not 3 forever); step 3 is never listed, loaded or deleted by retention; save(step=3)
+    says what it is."""
+
+    def plain_steps_then_a_crash() -> None:
+        for step in range(3):
+            dcp.save(_state(), checkpoint_id=s.step_dir(root, step), no_dist=True)
+        _incomplete(root, 3)
+
+    await anyio.to_thread.run_sync(plain_steps_then_a_crash)
     async with aiodcp.AsyncCheckpointer(root, keep_last=1) as ckpt:
         assert (await (await ckpt.save(_state(1.0)))).step == 4
         assert (await (await ckpt.save(_state(2.0)))).step == 5
-        assert await ckpt.steps() == [5]
+        assert await ckpt.steps() == [0, 1, 2, 5]  # plain DCP steps are never retention's
         with pytest.raises(CheckpointExistsError, match="not a committed checkpoint") as info:
             await ckpt.save(_state(), step=3)
         assert "Remove or move it" in str(info.value)
