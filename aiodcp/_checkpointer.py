@@ -168,6 +168,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
         self._host_done: anyio.Event | None = None
         self._host_task: Any = None  # a strong reference: asyncio keeps only weak ones
         self._body_scope: anyio.CancelScope | None = None
+        self._receivers: list[Any] = []  # handle_signals()'s, restored at close
         self.preempted: int | None = None
         """The signal that ended the block, after ``handle_signals``; else None."""
 
@@ -355,6 +356,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
             self._state = "closing"
             await self._daemons.stop()
             await self._close_task_group()
+            self._restore_signals()  # the program's own handlers, whatever ended the block
             with anyio.CancelScope(shield=True):
                 await self._close_resources()
             self._state = "closed"

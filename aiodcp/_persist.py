@@ -18,7 +18,6 @@ import shutil
 import threading
 import time
 import traceback
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,7 +119,7 @@ class Persisting:
         t0 = time.perf_counter()
         tmp: Path | None = None
         try:
-            token = uuid.uuid4().hex[:12]
+            token = _storage.new_token()
             votes = self._agree((msg.step, self._vote(req), token))
             steps = {v[0] for v in votes}
             if len(steps) != 1:
@@ -129,9 +128,7 @@ class Persisting:
             tmp = _storage.tmp_dir(self.root, msg.step, votes[0][2])
             self.tmp_dirs.add(tmp)
             if not msg.overwrite and _storage.step_dir(self.root, msg.step).exists():
-                from ._errors import CheckpointExistsError
-
-                raise CheckpointExistsError(f"step {msg.step} already exists in {self.root}")
+                raise _storage.exists_error(self.root, msg.step)
             nbytes = self._write(req, tmp)
             self._check_votes(req, self._agree(self._vote(req)))
             err = self._commit(msg, tmp)

@@ -185,7 +185,7 @@ class Saving(Parts):
         """Copy thread: flatten, fit the slot's arena, copy, write the skeleton memfd."""
         step = handle.step
         if not overwrite and _storage.step_dir(self.root, step).exists():
-            raise CheckpointExistsError(f"step {step} already exists in {self.root}")
+            raise _storage.exists_error(self.root, step)
         # No GC pass (a full collection can hold the GIL for 100s of ms), and short
         # GIL switch intervals, while this thread runs Python code per tensor. Both
         # are this thread's to restore, whatever happens to the caller.
