@@ -21,6 +21,7 @@ from . import _storage
 from ._errors import (
     CheckpointCancelledError,
     CheckpointError,
+    CheckpointExistsError,
     SaveFailedError,
     WorkerDiedError,
 )
@@ -110,6 +111,8 @@ class Outcomes(Parts):
         if handle._gen is not None:
             handle._gen.pending.pop(handle._req_id, None)
         self._reserved.discard(handle.step)
+        if isinstance(error, CheckpointExistsError):  # taken on disk meanwhile: skip it
+            self._high_step = max(self._high_step, handle.step)
         first = handle._finish(result, error)
         self._settle(handle)
         if first and error is not None:

@@ -57,6 +57,7 @@ LAYOUTS = [
 ]
 BOUND = 60.0  # seconds any handle may take to resolve, faults included
 PER_OPEN = 25
+THREAD_POOLS = ("AnyIO", "asyncio", "Trio thread")  # the event loops' own worker threads
 
 
 def _memfds() -> int:
@@ -162,6 +163,7 @@ class Torture:
     def plant_foreign(self) -> list[Path]:
         """Other programs' entries in the root (and an incomplete step_N/, as a crashed
         plain dcp.save leaves): aiodcp must neither delete them nor trip over them."""
+        gap = self.rng.randint(1, 3)  # drawn on every rank: the ranks share one stream
         if self.rank != 0:
             return []
         self.root.mkdir(parents=True, exist_ok=True)
@@ -175,7 +177,7 @@ class Torture:
                 (path / "keep").write_text("x")
             planted.append(path)
         taken = [int(p.name[5:]) for p in self.root.glob("step_*") if p.name[5:].isdigit()]
-        incomplete = self.root / f"step_{max(taken, default=0) + self.rng.randint(1, 3)}"
+        incomplete = self.root / f"step_{max(taken, default=0) + gap}"
         incomplete.mkdir(exist_ok=True)
         (incomplete / "__0_0.distcp").write_bytes(b"partial")
         planted.append(incomplete)
@@ -183,7 +185,7 @@ class Torture:
 
     async def session(self, n: int) -> None:
         fds, memfds = _fds(), _memfds()
-        threads = {t for t in threading.enumerate() if not t.name.startswith(("AnyIO", "asyncio"))}
+        threads = {t for t in threading.enumerate() if not t.name.startswith(THREAD_POOLS)}
         raising = self.rng.random() < 0.3
         self.keep_last = self.rng.choice([None, None, 2])
         planted = self.plant_foreign()
@@ -203,16 +205,15 @@ class Torture:
         ) as ckpt:
             ckpt.guard(opt, model)
             async with anyio.create_task_group() as readers:
-                if self.keep_last is not None:
-                    stop = anyio.Event()
+                stop = anyio.Event()
+                if self.keep_last is not None and self.world == 1:  # (loads are collective)
                     readers.start_soon(self.read_while_retention_runs, stop)
                 try:
                     for _ in range(n):
                         await self.schedule(ckpt, model, opt)
                         self.schedules += 1
                 finally:
-                    if self.keep_last is not None:
-                        stop.set()
+                    stop.set()
         for pid in self.pids:
             assert not _alive(pid), f"daemon {pid} outlived its checkpointer {self.where()}"
         assert _memfds() == memfds, f"memfd leaked {self.where()}"
@@ -222,7 +223,7 @@ class Torture:
         left = {
             t
             for t in threading.enumerate()
-            if not t.name.startswith(("AnyIO", "asyncio")) and t not in threads
+            if not t.name.startswith(THREAD_POOLS) and t not in threads
         }
         assert not left, f"threads left: {left} {self.where()}"
         for path in planted:
@@ -231,10 +232,11 @@ class Torture:
     async def read_while_retention_runs(self, stop: anyio.Event) -> None:
         """A reader loading committed steps with verify=True while retention deletes old
         ones: it gets the step bit-exact or CheckpointNotFoundError, never anything else."""
+        rng = random.Random(self.seed * 7 + self.rank)  # never the ranks' shared stream
         while not stop.is_set():
             steps = [s for s in sorted(self.committed) if not self.committed[s].model]
             if steps:
-                step = steps[-1] if self.rng.random() < 0.5 else self.rng.choice(steps)
+                step = steps[-1] if rng.random() < 0.5 else rng.choice(steps)
                 expected = self.committed[step].values
                 out = {k: torch.full_like(v, -1.0) for k, v in expected.items()}
                 try:
