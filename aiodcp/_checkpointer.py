@@ -218,7 +218,13 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
                     self._tg = tg
                     started.set()
                     assert self._host_close is not None
-                    await self._host_close.wait()
+                    try:
+                        await self._host_close.wait()
+                    except BaseException:
+                        # The loop is shutting down (asyncio.run ended, the kernel stops)
+                        # and nobody called aclose(): the daemon has the staged bytes.
+                        self._abandoned()
+                        raise
                     tg.cancel_scope.cancel()
             finally:
                 assert self._host_done is not None
@@ -227,6 +233,19 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
         self._host_task = asyncio.get_running_loop().create_task(host())
         await started.wait()
         return await self._finish_open()
+
+    def _abandoned(self) -> None:
+        """A ``start()``-ed checkpointer whose loop ends without ``aclose()``: the loop
+        cancels every task, the daemon's too, so what is in flight is lost -- say which."""
+        if self._state != "open":
+            return
+        lost = sorted(h.step for h in self._inflight if h._result is None)
+        log.error(
+            "AsyncCheckpointer(%s) was never closed: its event loop ended without "
+            "`await ckpt.aclose()`%s",
+            self.root,
+            f"; steps {lost} in flight were NOT committed" if lost else "",
+        )
 
     async def aclose(self) -> None:
         """Close a checkpointer opened with :meth:`start` (as a normal ``async with`` exit)."""

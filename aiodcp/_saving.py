@@ -123,9 +123,11 @@ class Saving(Parts):
         try:
             try:
                 fd, nbytes = await copying.result()
-            except BaseException as exc:  # the copy's own error (the wait is shielded)
+            except BaseException as exc:
                 handle._copying = None
                 self._finish_unsent(handle, _as_error(exc, handle.step))
+                if exc is not copying.error:  # not the copy's error: we are cancelled
+                    raise  # (natively: the loop is ending; the shield stops anyio's)
                 return
         finally:
             self._settle(handle)  # a handle already done lets go of its slot now
