@@ -27,26 +27,17 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from . import _protocol as p
 from . import _retention, _storage
 from ._arena import MappedArena
+from ._dcp_errors import DaemonExiting, PeerFailed, SaveCancelled, is_cancellation
+from ._dcp_errors import save as dcp_save
 from ._protocol import DaemonConfig as Config
 from ._staging import MeshSpec, PickledLeaf, rebuild
 
-__all__ = ["DaemonExiting", "PeerFailed", "Persisting", "Request", "SaveCancelled"]
+__all__ = ["Persisting", "Request"]
 
 log = logging.getLogger("aiodcp.daemon")
 
 # Seconds to sleep before each write item; lets tests kill or cancel mid-persist.
 _SLOW_WRITE = float(os.environ.get("AIODCP_TEST_SLOW_WRITE", "0") or 0)
-
-
-class SaveCancelled(Exception):
-    """Raised inside DCP's write path when a save is cancelled."""
-
-
-class DaemonExiting(SaveCancelled):
-    """Raised inside DCP's write path when this daemon is going away (SIGTERM, no parent).
-
-    Its peers must not mistake it for a cancellation: for them it is a failure.
-    """
 
 
 @dataclass
@@ -59,10 +50,6 @@ class Request:
 
 # How a rank votes at each agreement point of a save.
 _OK, _CANCEL, _DYING = "ok", "cancel", "dying"
-
-
-class PeerFailed(Exception):
-    """Another rank's daemon is exiting (or failed) in the middle of this save."""
 
 
 class Persisting:
@@ -145,7 +132,7 @@ class Persisting:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
                 self.tmp_dirs.discard(tmp)
-            cancelled = _classify(exc, self.cfg.rank) == "cancel"
+            cancelled = is_cancellation(exc)
             if self.stop_reason and self.stop_reason != "terminate":
                 return  # dying (SIGTERM, parent gone): the parent reports our death
             # With several ranks, a failure (unlike a cancellation, which the ranks
@@ -205,7 +192,7 @@ class Persisting:
             sync_files=self.cfg.sync_files,
             direct_io=self.cfg.direct_io,
         )
-        _writer.save(state, writer=writer, planner=planner, rank=self.cfg.rank, pg=self.pg)
+        dcp_save(state, writer=writer, planner=planner, rank=self.cfg.rank, pg=self.pg)
         planner.report(final=True)
         return total
 
@@ -249,27 +236,6 @@ class Persisting:
             if self.first_save:
                 gc.freeze()
         self.first_save = False
-
-
-def _classify(exc: BaseException, rank: int) -> str:
-    """``"cancel"`` (a cancellation the ranks share), ``"peer"`` (another rank's daemon
-    went away), ``"exiting"`` (this one is) or ``"error"``."""
-    if isinstance(exc, DaemonExiting):
-        return "exiting"
-    if isinstance(exc, SaveCancelled):
-        return "cancel"
-    if isinstance(exc, PeerFailed):
-        return "peer"
-    failures = getattr(exc, "failures", None)  # DCP's CheckpointException: rank -> error
-    if isinstance(failures, dict):
-        inner = {r: (f[0] if isinstance(f, tuple) else f) for r, f in failures.items()}
-        if isinstance(inner.get(rank), DaemonExiting):
-            return "exiting"
-        if any(isinstance(e, DaemonExiting) for e in inner.values()):
-            return "peer"
-        if any(isinstance(e, SaveCancelled) for e in inner.values()):
-            return "cancel"
-    return "error"
 
 
 class _Planner(DefaultSavePlanner):

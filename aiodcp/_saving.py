@@ -336,9 +336,7 @@ def taken_now(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
     """``state_dict`` with its top-level ``Stateful`` values replaced by their
     ``state_dict()``, called now: the Python values in them (a learning rate, a step
     count) are the call's, whatever changes before an overlapped copy runs."""
-    if not isinstance(state_dict, Mapping) or not any(
-        _is_stateful(v) for v in state_dict.values()
-    ):
+    if not isinstance(state_dict, Mapping) or not any(_is_stateful(v) for v in state_dict.values()):
         return state_dict
     return {k: (v.state_dict() if _is_stateful(v) else v) for k, v in state_dict.items()}
 
