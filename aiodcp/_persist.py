@@ -9,6 +9,7 @@ on any rank ends the save on all of them alike.
 
 from __future__ import annotations
 
+import enum
 import gc
 import io
 import logging
@@ -32,7 +33,7 @@ from ._dcp_errors import save as dcp_save
 from ._protocol import DaemonConfig as Config
 from ._staging import MeshSpec, PickledLeaf, rebuild
 
-__all__ = ["Persisting", "Request"]
+__all__ = ["Persisting", "Request", "Stop", "Stopping"]
 
 log = logging.getLogger("aiodcp.daemon")
 
@@ -52,6 +53,39 @@ class Request:
 _OK, _CANCEL, _DYING = "ok", "cancel", "dying"
 
 
+class Stop(enum.Enum):
+    """Why the daemon stops: TERMINATE (the parent asked: finish, then exit), SIGTERM,
+    HALT (the parent is gone or unusable, or the group is no longer trusted)."""
+
+    RUNNING = "running"
+    TERMINATE = "terminate"
+    SIGTERM = "SIGTERM"
+    HALT = "halt"
+
+
+class Stopping:
+    """The daemon's stop state. It moves once, out of RUNNING; the first reason wins
+    (a later one is ignored, never an error: a SIGTERM during a graceful exit is still
+    a graceful exit)."""
+
+    def __init__(self) -> None:
+        self.kind = Stop.RUNNING
+        self.reason = ""
+
+    def enter(self, kind: Stop, reason: str) -> bool:
+        if kind is Stop.RUNNING:
+            raise RuntimeError("a daemon never goes back to running")
+        if self.kind is not Stop.RUNNING:
+            return False
+        self.kind, self.reason = kind, reason
+        return True
+
+    @property
+    def dying(self) -> bool:
+        """Stopping for a reason that aborts saves (not a graceful Terminate)."""
+        return self.kind in (Stop.SIGTERM, Stop.HALT)
+
+
 class Persisting:
     """The save path of the daemon (see the module docstring)."""
 
@@ -62,7 +96,7 @@ class Persisting:
     doomed: set[int]
     requests: dict[int, Request]
     tmp_dirs: set[Path]
-    stop_reason: str
+    stopping: Stopping
     first_save: bool
 
     def send(self, msg: p.Message) -> bool:
@@ -71,7 +105,7 @@ class Persisting:
     def mesh(self, spec: MeshSpec) -> Any:
         raise NotImplementedError
 
-    def _halt(self, reason: str) -> None:
+    def _halt(self, reason: str, kind: Stop = ...) -> None:
         raise NotImplementedError
 
     def _agree(self, obj: Any) -> list[Any]:
@@ -87,7 +121,7 @@ class Persisting:
         return out
 
     def _vote(self, req: Request) -> str:
-        if self.stop_reason and self.stop_reason != "terminate":
+        if self.stopping.dying:
             return _DYING
         return _CANCEL if req.cancel.is_set() else _OK
 
@@ -133,7 +167,7 @@ class Persisting:
                 shutil.rmtree(tmp, ignore_errors=True)
                 self.tmp_dirs.discard(tmp)
             cancelled = is_cancellation(exc)
-            if self.stop_reason and self.stop_reason != "terminate":
+            if self.stopping.dying:
                 return  # dying (SIGTERM, parent gone): the parent reports our death
             # With several ranks, a failure (unlike a cancellation, which the ranks
             # agree on by vote) may have left the daemons' group mid-collective or
@@ -256,7 +290,7 @@ class _Planner(DefaultSavePlanner):
         if _SLOW_WRITE:  # fault-injection hook for tests: widen the persist window
             time.sleep(_SLOW_WRITE)
         if self._req.cancel.is_set():
-            if self._daemon.stop_reason and self._daemon.stop_reason != "terminate":
+            if self._daemon.stopping.dying:
                 raise DaemonExiting(self._req.reason)
             raise SaveCancelled(self._req.reason)
         obj = self.lookup_object(write_item.index)

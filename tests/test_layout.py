@@ -105,7 +105,7 @@ def test_no_import_circles() -> None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if seen.get(nxt) == 1:
-                cycle = stack[stack.index(nxt) :] + [nxt]
+                cycle = [*stack[stack.index(nxt) :], nxt]
                 raise AssertionError("import circle: " + " -> ".join(cycle))
             if nxt not in seen:
                 visit(nxt)

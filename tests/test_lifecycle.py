@@ -84,3 +84,35 @@ async def test_when_busy_skip_is_refused_with_several_ranks(
     with pytest.raises(ValueError, match="not supported with several ranks"):
         async with aiodcp.AsyncCheckpointer(root, when_busy="skip"):
             pass
+
+
+def test_a_generations_states_are_an_enforced_table() -> None:
+    """A daemon generation moves starting -> serving -> retiring -> exited; an exited one
+    cannot serve again (an illegal move raises instead of silently reviving it)."""
+    from aiodcp._generation import Generation
+
+    gen = Generation.__new__(Generation)
+    gen.number, gen.pid, gen._state = 1, 123, "starting"
+    gen._move("serving")
+    gen._move("retiring")
+    gen._move("retiring")  # asked twice to go: still retiring
+    gen._move("exited")
+    with pytest.raises(RuntimeError, match="illegal move exited -> serving"):
+        gen._move("serving")
+
+
+def test_the_daemons_stop_state_moves_once_and_the_first_reason_wins() -> None:
+    """A SIGTERM during a graceful Terminate is still a graceful exit; nothing goes back
+    to running."""
+    from aiodcp._persist import Stop, Stopping
+
+    stopping = Stopping()
+    assert not stopping.dying
+    assert stopping.enter(Stop.TERMINATE, "terminate")
+    assert not stopping.enter(Stop.SIGTERM, "SIGTERM")
+    assert stopping.kind is Stop.TERMINATE and not stopping.dying
+    with pytest.raises(RuntimeError):
+        stopping.enter(Stop.RUNNING, "")
+    halted = Stopping()
+    halted.enter(Stop.HALT, "parent process is gone")
+    assert halted.dying and halted.reason == "parent process is gone"
