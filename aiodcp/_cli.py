@@ -211,31 +211,49 @@ def _check_manifest(path: Path, step: int, manifest: dict[str, tuple[int, str]])
 
 def _demo(args: argparse.Namespace) -> int:
     import asyncio
+    import shutil
     import tempfile
 
-    root = args.root or tempfile.mkdtemp(prefix="aiodcp-demo-")
-    return asyncio.run(_demo_loop(root, args.steps, args.every))
+    if args.root:  # the user's: kept, and a second run resumes from it
+        return asyncio.run(_demo_loop(args.root, args.steps, args.every, keep=True))
+    root = tempfile.mkdtemp(prefix="aiodcp-demo-")
+    try:
+        return asyncio.run(_demo_loop(root, args.steps, args.every, keep=False))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
-async def _demo_loop(root: str, steps: int, every: int) -> int:
+class _Progress:
+    """One line per save: on a terminal, redrawn in place as its bytes are written and
+    finished with its outcome; elsewhere, only the outcome line."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+
+    def __call__(self, event: Any) -> None:
+        mib = event.total_bytes / 2**20
+        if event.phase in ("committed", "failed", "skipped"):
+            size = f"{mib:7.1f} MiB" if event.phase == "committed" else ""
+            line = f"step {event.step:>4} {event.phase:<9} {size} {event.seconds:6.2f}s"
+            print(f"\r{line:<72}" if self.tty else line, flush=True)
+        elif self.tty:
+            if event.phase == "staged":
+                line = f"step {event.step:>4} staged, writing {mib:.1f} MiB"
+            else:
+                done = event.bytes_written / event.total_bytes if event.total_bytes else 0.0
+                bar = "#" * int(done * 20)
+                line = (
+                    f"step {event.step:>4} {event.phase:<9} [{bar:<20}] "
+                    f"{event.bytes_written / 2**20:7.1f}/{mib:.1f} MiB {event.seconds:6.2f}s"
+                )
+            print(f"\r{line:<72}", end="", flush=True)
+
+
+async def _demo_loop(root: str, steps: int, every: int, *, keep: bool) -> int:
     import torch
 
-    from ._checkpointer import AsyncCheckpointer, SaveEvent
-
-    tty = sys.stdout.isatty()
-
-    def show(event: SaveEvent) -> None:
-        if event.phase == "writing" and not tty:
-            return  # plain output: one line per phase change, no progress spam
-        done = event.bytes_written / event.total_bytes if event.total_bytes else 1.0
-        bar = "#" * int(done * 20)
-        line = (
-            f"step {event.step:>4} {event.phase:<9} [{bar:<20}] "
-            f"{event.bytes_written / 2**20:7.1f}/{event.total_bytes / 2**20:.1f} MiB "
-            f"{event.seconds:6.2f}s"
-        )
-        end = "\r" if tty and event.phase == "writing" else "\n"
-        print(line, end=end, flush=True)
+    from ._checkpointer import AsyncCheckpointer
+    from ._errors import CheckpointNotFoundError
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(
@@ -244,10 +262,17 @@ async def _demo_loop(root: str, steps: int, every: int) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     print(
         f"demo: training a {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-parameter "
-        f"MLP, checkpointing every {every} steps into {root}"
+        f"MLP, checkpointing every {every} steps into {root}",
+        flush=True,
     )
-    async with AsyncCheckpointer(root, keep_last=2, on_event=show) as ckpt:
-        for step in range(steps):
+    progress = _Progress(sys.stdout.isatty())
+    async with AsyncCheckpointer(root, keep_last=2, on_event=progress) as ckpt:
+        try:
+            start = await ckpt.load({"model": model, "optim": opt}) + 1
+            print(f"demo: resuming after step {start - 1}", flush=True)
+        except CheckpointNotFoundError:
+            start = 0
+        for step in range(start, start + steps):
             x = torch.randn(64, 512)
             loss = (model(x) - x).pow(2).mean()
             opt.zero_grad()
@@ -258,7 +283,10 @@ async def _demo_loop(root: str, steps: int, every: int) -> int:
         await ckpt.wait()
         kept = await ckpt.steps()
     print(f"demo: done; committed steps kept (keep_last=2): {kept}")
-    print(f"demo: try `aiodcp ls {root}` and `aiodcp inspect {root}`")
+    if keep:
+        print(f"demo: try `aiodcp ls {root}` and `aiodcp inspect {root}`")
+    else:
+        print("demo: removed its scratch directory; pass --root DIR to keep the checkpoints")
     return 0
 
 
@@ -348,7 +376,9 @@ def _main(argv: list[str] | None) -> int:
     p_ver.add_argument("--step", type=int, default=None, help="default: every step")
     p_ver.add_argument("--json", action="store_true")
     p_demo = sub.add_parser("demo", help="a short async training loop with checkpointing")
-    p_demo.add_argument("--root", default=None, help="default: a new temporary directory")
+    p_demo.add_argument(
+        "--root", default=None, help="kept, and resumed when run again (default: a scratch dir)"
+    )
     p_demo.add_argument("--steps", type=int, default=60)
     p_demo.add_argument("--every", type=int, default=20)
     p_gc = sub.add_parser(
