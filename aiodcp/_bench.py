@@ -194,7 +194,7 @@ async def _run(
     rounds: int,
     mem_saves: int,
     directory: Path,
-    timeout: float,
+    save_timeout: float,
     options: dict[str, Any],
 ) -> tuple[list[tuple[str, Sample | str]], str | None]:
     from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, async_save
@@ -249,10 +249,10 @@ async def _run(
         if m in failed:
             return None
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(save_timeout):
                 return await _lagged(fns[m])
         except TimeoutError:
-            failed[m] = f"no result within {timeout:.0f}s (hung?)"
+            failed[m] = f"no result within {save_timeout:.0f}s (hung?)"
         except Exception as exc:  # e.g. PROCESS: one fd per tensor, EMFILE
             msg = " ".join(str(exc).split())
             msg = msg if len(msg) < 100 else f"{msg[:30]} ... {msg[-60:]}"

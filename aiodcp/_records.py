@@ -51,7 +51,7 @@ def write_tensor(tensor: torch.Tensor, stream: Any) -> None:
         tuple(tensor.stride()),
         tensor.storage_offset(),
         storage.nbytes(),
-        _config.save.storage_alignment,  # per thread, like the CRC option
+        _config.save.storage_alignment,  # per thread from torch 2.13, like the CRC option
     )
     if key not in _templates:
         if len(_templates) < _MAX_KINDS:
