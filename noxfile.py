@@ -7,6 +7,7 @@ import nox
 nox.options.sessions = ["lint", "typecheck", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 TORCH = "torch==2.13.0"
+LOWEST_TORCH = "torch==2.7.1"  # keep in step with pyproject's torch>=2.7
 
 
 @nox.session
@@ -50,3 +51,15 @@ def bench(session: nox.Session) -> None:
     session.install(TORCH)
     session.install("-e", ".")
     session.run("python", "-m", "aiodcp", "bench", *session.posargs)
+
+
+@nox.session
+def smoke(session: nox.Session) -> None:
+    """The built wheel in a fresh venv with its declared dependencies only (no numpy)."""
+    session.run("bash", "scripts/smoke_install.sh", TORCH, external=True)
+
+
+@nox.session
+def lowest(session: nox.Session) -> None:
+    """The same smoke on the lowest torch aiodcp declares (a CUDA wheel set from PyPI)."""
+    session.run("bash", "scripts/smoke_install.sh", LOWEST_TORCH, external=True)

@@ -64,9 +64,10 @@ class Outcomes(Parts):
                     step=handle.step,
                 )
             else:
-                error = SaveFailedError(
+                log.debug("daemon traceback of step %d:\n%s", handle.step, msg.traceback)
+                error = SaveFailedError(  # the traceback: .remote_traceback and debug log
                     f"save of step {handle.step} failed in the daemon: {msg.error_type}: "
-                    f"{msg.message}\n--- daemon traceback ---\n{msg.traceback}",
+                    f"{msg.message.strip().partition(chr(10))[0][:500]}",
                     step=handle.step,
                     remote_type=msg.error_type,
                     remote_traceback=msg.traceback,

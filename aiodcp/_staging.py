@@ -168,7 +168,8 @@ def flatten(state_dict: Mapping[str, Any]) -> Flat:
     Per tensor it does a few attribute reads and nothing else.
     """
     if not isinstance(state_dict, Mapping):
-        raise TypeError(f"state_dict must be a mapping, not {type(state_dict).__name__}")
+        hint = '; did you mean {"model": model}?' if hasattr(state_dict, "state_dict") else ""
+        raise TypeError(f"state_dict must be a mapping, not {type(state_dict).__name__}{hint}")
     tensors: list[torch.Tensor] = []
     dtypes: list[torch.dtype] = []
     dims = array.array("q")

@@ -40,6 +40,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import uuid
 from pathlib import Path
@@ -444,13 +445,33 @@ class WriterLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            holder = _lock_holder(fd)
             os.close(fd)
             raise CheckpointError(
-                f"{self.path.parent} is in use by another live AsyncCheckpointer"
+                f"{self.path.parent} is in use by another live AsyncCheckpointer{holder}; "
+                "close that one first (or give this one another root)"
             ) from None
+        try:  # who holds it, for the message above (a courtesy: the flock is the lock)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        except OSError:
+            pass
         self.fd = fd
 
     def release(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _lock_holder(fd: int) -> str:
+    """`` (pid P on HOST)`` from a held lock file, `` (this process, pid P)`` if it is
+    ours, or "" when the holder wrote nothing readable."""
+    try:
+        pid_text, _, host = os.pread(fd, 256, 0).decode().strip().partition(" ")
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return ""
+    if pid == os.getpid() and host == socket.gethostname():
+        return f" (this process, pid {pid})"
+    return f" (pid {pid} on {host})" if host else f" (pid {pid})"

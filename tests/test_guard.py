@@ -65,9 +65,7 @@ async def test_a_guarded_model_with_batchnorm_commits_one_steps_state(
         guard = ckpt.guard(opt, model)
         for step in range(3):
             await ckpt.save(state, step=step, overlap=True)
-            wants[step] = clone_tree(
-                {"model": model.state_dict(), "lr": opt.param_groups[0]["lr"]}
-            )
+            wants[step] = clone_tree({"model": model.state_dict(), "lr": opt.param_groups[0]["lr"]})
             with blocking_allowed(), deadline(30, "the training step"):
                 sched.step()  # before the next forward, as many loops do
                 train_step(model, opt)  # forward waits for the buffers' copy
