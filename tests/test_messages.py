@@ -72,7 +72,7 @@ def test_a_root_in_use_names_its_holder_and_what_to_do(tmp_path: Path) -> None:
         assert "close that one first" in message
     finally:
         holder.kill()
-        holder.wait()
+        holder.communicate()  # reaps it and closes both pipes
     mine = _storage.WriterLock(tmp_path)
     mine.acquire()  # the holder died: the kernel dropped its lock
     try:
