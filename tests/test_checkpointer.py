@@ -158,9 +158,17 @@ async def test_prepare_then_save_and_a_lower_priority_daemon(root: Path) -> None
         await (await ckpt.save(state))
         await ckpt.prepare({"other": torch.ones(3)})  # a new layout: a new arena
         await (await ckpt.save(state))
-        target = _state(0)
-        await ckpt.load(target, step=0)
-        assert torch.equal(target["big"], state["big"])
+        await ckpt.prepare(state)  # the original layout again: its (filled) arena
+        state["big"].add_(1)
+        state["opt"]["moments"][0].mul_(-1)
+        await (await ckpt.save(state))
+        assert await ckpt.steps() == [0, 1, 2]
+        # every save wrote the values it was given, whatever arena prepare() left it
+        for step, add, sign in [(0, 0, 1), (1, 0, 1), (2, 1, -1)]:
+            target = _state(0)
+            await ckpt.load(target, step=step)
+            assert torch.equal(target["big"], _state(3)["big"] + add), step
+            assert torch.equal(target["opt"]["moments"][0], sign * _state(3)["opt"]["moments"][0])
 
 
 async def test_root_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None:

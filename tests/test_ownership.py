@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import aiodcp
-from aiodcp import CheckpointCancelledError, CheckpointExistsError
+from aiodcp import CheckpointCancelledError, CheckpointExistsError, _generation
 
 from .conftest import run_script
 
@@ -81,21 +82,33 @@ async def test_an_error_in_our_own_task_never_hangs_close(root: Path) -> None:
 
 
 @pytest.mark.asyncio
-async def test_a_busy_loop_delays_replies_but_never_mutes_the_daemon(root: Path) -> None:
-    """obs 3: 10,000 tensors, then the loop is blocked 3 s by synchronous training while
-    the daemon replies: the handle still resolves once the loop is back."""
+async def test_a_busy_loop_delays_replies_but_never_mutes_the_daemon(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """obs 3: 10,000 tensors, then the loop is blocked by synchronous training while the
+    daemon persists and replies: its socket fills (its send buffer is shrunk to the
+    kernel's minimum, a few frames, as a long block would fill the default one), it waits
+    there, and the handle still resolves once the loop is back."""
+    real_socketpair = socket.socketpair
+
+    def small_buffer_socketpair(*args: object) -> tuple[socket.socket, socket.socket]:
+        parent, child = real_socketpair(*args)  # type: ignore[arg-type]
+        child.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the daemon's end
+        return parent, child
+
+    monkeypatch.setattr(_generation.socket, "socketpair", small_buffer_socketpair)
     state = {f"t{i}": torch.full((16,), float(i)) for i in range(10_000)}
     async with aiodcp.AsyncCheckpointer(root) as ckpt:
         handle = await ckpt.save(state)
-        await anyio.sleep(0.2)
-        # Synchronous training: the loop does not run while the daemon commits and replies.
-        deadline = time.monotonic() + 60
-        while not (root / "step_0").exists() and time.monotonic() < deadline:
+        # Synchronous training: the loop does not run while the daemon persists and
+        # sends its progress frames (10 a second) and, if they fit, commits and replies.
+        t0 = time.monotonic()
+        while not (root / "step_0").exists() and time.monotonic() < t0 + 4:
             time.sleep(0.01)  # noqa: ASYNC251
-        time.sleep(3)  # noqa: ASYNC251
-        with anyio.fail_after(60):
+        time.sleep(1)  # noqa: ASYNC251
+        with anyio.fail_after(30):
             result = await handle
-        assert result.step == 0
+        assert result.step == 0 and await ckpt.steps() == [0]
 
 
 @pytest.mark.asyncio
