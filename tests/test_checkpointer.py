@@ -230,9 +230,30 @@ async def test_max_inflight_lets_saves_overlap_and_wait_applies_backpressure(roo
         del os.environ["AIODCP_TEST_SLOW_WRITE"]
 
 
+# Worst loop lag over a 256 MiB save, as a fraction of one copy of the state measured in
+# the test (2-core box under load, 3 runs each): 0.08-0.14 as it is; 1.9-2.8 with an
+# extra copy in save() on the loop's thread (the copy-on-loop mutant, scripts/mutants.py).
+LAG_PER_COPY = 0.5
+
+
+def _copy_seconds(state: dict[str, torch.Tensor]) -> float:
+    """The median time of one copy of ``state`` into memory allocated beforehand."""
+    dst = {k: torch.empty_like(v) for k, v in state.items()}
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        for k, v in state.items():
+            dst[k].copy_(v)
+        times.append(time.perf_counter() - t)
+    return sorted(times)[1]
+
+
 async def test_event_loop_keeps_ticking_during_a_large_save(root: Path) -> None:
-    """A 256 MiB save (stage + persist) never stalls the loop for long (ticker task)."""
+    """A 256 MiB save (stage + persist) never stalls the loop for long (ticker task): its
+    worst tick is well under one copy of the state on the loop's thread (what a copy in
+    save() itself, instead of in a worker thread, would cost)."""
     state = {f"t{i}": torch.randn(4 * 1024 * 1024) for i in range(16)}  # 16 x 16 MiB
+    copy = await anyio.to_thread.run_sync(_copy_seconds, state)
     lags: list[float] = []
     async with aiodcp.AsyncCheckpointer(root) as ckpt:
         done = anyio.Event()
@@ -249,6 +270,6 @@ async def test_event_loop_keeps_ticking_during_a_large_save(root: Path) -> None:
             handle = await ckpt.save(state)
             await handle
             done.set()
-    print(f"max loop lag {max(lags) * 1e3:.1f} ms over {len(lags)} ticks")
+    print(f"max loop lag {max(lags) * 1e3:.1f} ms over {len(lags)} ticks; copy {copy * 1e3:.1f} ms")
     assert len(lags) > 50
-    assert max(lags) < 0.1  # generous for a noisy 2-core CI box; the benchmark reports it
+    assert max(lags) < LAG_PER_COPY * copy
