@@ -238,6 +238,7 @@ async def test_random_sigkills_never_publish_a_partial(root: Path, slow_write: N
     rng = random.Random(1234)
     expected: dict[int, float] = {}
     big = {f"b{i}": torch.randn(2_000_000) for i in range(4)}  # 32 MiB: staging takes a while
+    every_pid: set[int] = set()
     async with aiodcp.AsyncCheckpointer(root) as ckpt:
         for i in range(8):
             value = float(i * 10)
@@ -269,6 +270,7 @@ async def test_random_sigkills_never_publish_a_partial(root: Path, slow_write: N
                     expected[i] = value  # committed before the kill
                 except WorkerDiedError:
                     pass
+            every_pid.add(pid)
             with anyio.fail_after(1):
                 while ckpt.worker_pid == pid:  # noqa: ASYNC110
                     await anyio.sleep(0.01)
@@ -277,7 +279,7 @@ async def test_random_sigkills_never_publish_a_partial(root: Path, slow_write: N
                 out = await _load(root, step, n=4)
                 assert all(torch.equal(out[f"t{j}"], torch.full((1000,), v + j)) for j in range(4))
     assert _litter(root) == []
-    assert not any(p in daemon_pids() for p in [pid])
+    assert len(every_pid) == 8 and not every_pid & daemon_pids()  # every daemon is gone
 
 
 PREEMPTED = """
