@@ -138,13 +138,14 @@ async def test_sigterm_to_the_daemon_aborts_cleanly_and_reports_death(
 
 @pytest.fixture
 def tiny_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
     mnt = tmp_path / "tiny"
     mnt.mkdir()
     r = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True
     )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    assert r.returncode == 0, f"root, yet cannot mount a tmpfs: {r.stderr.decode().strip()}"
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
@@ -317,4 +318,84 @@ async def test_preemption_sigterm_commits_then_exits(root: Path, slow_write: Non
         lambda: sorted(p.name for p in root.iterdir() if p.name.startswith("step_"))
     )
     assert steps == ["step_0", "step_99"]
+    assert daemon not in daemon_pids()
+
+
+# ------------------------------------- issue 23: promises of the README tested nowhere
+async def test_wait_re_raises_a_failure_nobody_awaited(root: Path, slow_write: None) -> None:
+    """A save fails (its daemon killed) and nobody awaits its handle: wait() raises that
+    failure, once (leaving the block afterwards raises nothing)."""
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:
+        await ckpt.save(_state())
+        pid = ckpt.worker_pid
+        assert pid is not None
+        await anyio.sleep(0.3)
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(WorkerDiedError, match="SIGKILL") as info:
+            await ckpt.wait()
+        assert info.value.step == 0
+        await ckpt.wait()  # seen now
+
+
+async def test_leaving_the_block_re_raises_a_failure_nobody_awaited(
+    root: Path, slow_write: None
+) -> None:
+    """The same failure, never awaited and no wait(): leaving ``async with`` raises it."""
+    with pytest.raises(WorkerDiedError, match="SIGKILL") as info:
+        async with aiodcp.AsyncCheckpointer(root) as ckpt:
+            await ckpt.save(_state())
+            pid = ckpt.worker_pid
+            assert pid is not None
+            await anyio.sleep(0.3)
+            os.kill(pid, signal.SIGKILL)
+    assert info.value.step == 0
+    assert pid not in daemon_pids()
+
+
+PREEMPTED_SLOW = """
+import asyncio, signal, sys, torch, aiodcp
+def final_save():
+    raise RuntimeError("final save bug")
+async def main():
+    state = {f"t{i}": torch.full((1000,), float(i)) for i in range(8)}
+    async with aiodcp.AsyncCheckpointer(sys.argv[1]) as ckpt:
+        ckpt.handle_signals(signal.SIGTERM, grace=1, final_save=final_save)
+        await ckpt.save(state, step=0)  # 8 writes of 3 s each: far longer than the grace
+        print(ckpt.worker_pid, flush=True)
+        while True:  # training
+            await asyncio.sleep(0.01)
+asyncio.run(main())
+"""
+
+
+async def test_preemption_grace_bounds_the_exit_and_a_failing_final_save_is_logged(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM with grace=1 while a save needs ~24 s more, and a final_save that raises:
+    the error is logged, the grace runs out, the in-flight save is cancelled (never
+    published) and the trainer still exits 128+15, within seconds."""
+    monkeypatch.setenv("AIODCP_TEST_SLOW_WRITE", "3")
+    proc = await anyio.open_process(
+        [sys.executable, "-c", PREEMPTED_SLOW, str(root)],
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    async with proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        with anyio.fail_after(60):
+            daemon = int((await proc.stdout.receive()).split()[0])
+        t0 = time.perf_counter()
+        os.killpg(proc.pid, signal.SIGTERM)
+        with anyio.fail_after(60):
+            code = await proc.wait()
+        elapsed = time.perf_counter() - t0
+        err = b""
+        async for chunk in proc.stderr:
+            err += chunk
+    text = err.decode()
+    assert code == 128 + signal.SIGTERM, text[-3000:]
+    assert elapsed < 15, elapsed  # grace 1 s + a bounded shutdown, not the 24 s persist
+    assert "final checkpoint on signal 15 failed" in text and "final save bug" in text
+    assert "grace period of 1s ran out" in text, text[-3000:]
+    assert not (root / "step_0").exists()
     assert daemon not in daemon_pids()
