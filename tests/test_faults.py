@@ -399,3 +399,39 @@ async def test_preemption_grace_bounds_the_exit_and_a_failing_final_save_is_logg
     assert "grace period of 1s ran out" in text, text[-3000:]
     assert not (root / "step_0").exists()
     assert daemon not in daemon_pids()
+
+
+SITECUSTOMIZE = """
+import os, sys
+if "AIODCP_PACKAGE_PARENT" in os.environ:  # only in aiodcp's daemon
+    class _Fail:
+        def find_spec(self, name, path=None, target=None):
+            if name == "aiodcp._persist":
+                raise RuntimeError("injected start-up failure")
+            return None
+    sys.meta_path.insert(0, _Fail())
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug (issue 23 report): a daemon that dies before its handshake raises "
+    "CheckpointError('... exited with code 1 during start-up') without its traceback, "
+    "which goes to the trainer's stderr only",
+)
+async def test_a_daemon_that_fails_to_start_raises_with_its_traceback(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon raises while it starts (an import fails in it): entering the block
+    raises CheckpointError carrying the daemon's error and traceback, at once."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), *sys.path]))
+    t0 = time.perf_counter()
+    with pytest.raises(aiodcp.CheckpointError) as info:
+        async with aiodcp.AsyncCheckpointer(root, init_timeout=60):
+            pass
+    text = str(info.value)
+    assert time.perf_counter() - t0 < 30 and "start-up" in text, text
+    assert "injected start-up failure" in text and "Traceback" in text, text
