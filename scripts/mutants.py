@@ -45,7 +45,9 @@ MUTANTS = [
         "aiodcp/_storage.py",
         '    _fault_point("before_rename")\n',
         '    _fault_point("before_rename")\n    return final\n',
-        ("tests/test_checkpointer.py::test_save_returns_once_staged_and_commits_plain_dcp",),
+        (
+            "tests/test_checkpointer.py::test_save_returns_once_staged_and_commits_plain_dcp[asyncio]",
+        ),
     ),
     Mutant(
         "no-copy",

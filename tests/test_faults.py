@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -435,3 +436,50 @@ async def test_a_daemon_that_fails_to_start_raises_with_its_traceback(
     text = str(info.value)
     assert time.perf_counter() - t0 < 30 and "start-up" in text, text
     assert "injected start-up failure" in text and "Traceback" in text, text
+
+
+FORKING_PARENT = """
+import asyncio, os, sys, time, torch, aiodcp
+async def main():
+    async with aiodcp.AsyncCheckpointer(sys.argv[1]) as ckpt:
+        await (await ckpt.save({"x": torch.ones(10)}))
+        child = os.fork()
+        if child == 0:  # keeps every descriptor the trainer had: the daemon's channel too
+            time.sleep(60)
+            os._exit(0)
+        print(ckpt.worker_pid, child, flush=True)
+        await asyncio.sleep(60)
+asyncio.run(main())
+"""
+
+
+async def test_daemon_exits_when_its_parent_changes_while_the_channel_stays_open(
+    root: Path,
+) -> None:
+    """The trainer is SIGKILLed while a forked child of it keeps the channel open (no end
+    of file for the daemon): the daemon sees its parent change and exits within seconds."""
+    proc = await anyio.open_process([sys.executable, "-c", FORKING_PARENT, str(root)])
+    async with proc:
+        assert proc.stdout is not None
+        with anyio.fail_after(60):
+            daemon, child = map(int, (await proc.stdout.receive()).split())
+        try:
+            assert daemon in daemon_pids()
+            proc.kill()
+            await proc.wait()
+            t0 = time.perf_counter()
+            while daemon in daemon_pids():
+                assert time.perf_counter() - t0 < 10, "daemon outlived its parent by 10 s"
+                await anyio.sleep(0.05)
+            assert child_alive(child)  # the channel was open all along
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+
+
+def child_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
