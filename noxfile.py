@@ -46,6 +46,14 @@ def examples(session: nox.Session) -> None:
 
 
 @nox.session
+def mutants(session: nox.Session) -> None:
+    """Break a copy of aiodcp with each named mutant; its targeted tests must fail."""
+    session.install(TORCH)
+    session.install("-e", ".[test]")
+    session.run("python", "scripts/mutants.py", *session.posargs)
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """The side-by-side benchmark against DCP (see README)."""
     session.install(TORCH)
