@@ -414,17 +414,12 @@ if "AIODCP_PACKAGE_PARENT" in os.environ:  # only in aiodcp's daemon
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (issue 23 report): a daemon that dies before its handshake raises "
-    "CheckpointError('... exited with code 1 during start-up') without its traceback, "
-    "which goes to the trainer's stderr only",
-)
 async def test_a_daemon_that_fails_to_start_raises_with_its_traceback(
     root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The daemon raises while it starts (an import fails in it): entering the block
-    raises CheckpointError carrying the daemon's error and traceback, at once."""
+    raises CheckpointError naming the daemon's error in one line, at once, with the
+    daemon's traceback on the exception (it used to go to the trainer's stderr only)."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
@@ -435,7 +430,9 @@ async def test_a_daemon_that_fails_to_start_raises_with_its_traceback(
             pass
     text = str(info.value)
     assert time.perf_counter() - t0 < 30 and "start-up" in text, text
-    assert "injected start-up failure" in text and "Traceback" in text, text
+    assert "injected start-up failure" in text and len(text.splitlines()) == 1, text
+    tb = getattr(info.value, "remote_traceback", "")
+    assert "Traceback" in tb and "injected start-up failure" in tb, tb
 
 
 FORKING_PARENT = """
