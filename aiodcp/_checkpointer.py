@@ -25,7 +25,7 @@ import anyio.to_thread
 import sniffio
 
 from . import _protocol as p
-from . import _storage
+from . import _retention, _storage
 from ._dist import Group, Rendezvous, resolve_group
 from ._errors import (
     CheckpointCancelledError,
@@ -316,7 +316,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
             lock = _storage.WriterLock(self.root)
             lock.acquire()
             self._lock = lock
-            removed = _storage.cleanup_leftovers(self.root)
+            removed = _retention.cleanup_leftovers(self.root)
             if removed:
                 log.info("removed %d leftovers of interrupted saves in %s", len(removed), self.root)
             appended = _storage.reconcile(self.root)  # the directories are the truth
@@ -400,7 +400,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
                 slot.close()
             if self._lock is not None:
                 # no daemon runs now: whatever temporaries are left are litter
-                _storage.cleanup_leftovers(self.root)
+                _retention.cleanup_leftovers(self.root)
                 self._lock.release()
                 self._lock = None
 

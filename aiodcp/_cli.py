@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import _manifest, _storage
+from . import _manifest, _retention, _storage
 from ._errors import CheckpointError
 
 
@@ -77,7 +77,7 @@ def _ls(args: argparse.Namespace) -> int:
             }
         )
     # not committed: aiodcp's saves in progress, and step_N/ without .metadata
-    partial = [p for p in _storage.leftovers(root) if p.name.startswith(_storage.TMP_PREFIX)]
+    partial = [p for p in _retention.leftovers(root) if p.name.startswith(_storage.TMP_PREFIX)]
     partial += [_storage.step_dir(root, s) for s in _storage.incomplete_steps(root)]
     for entry in partial:
         rows.append(
@@ -308,9 +308,9 @@ def _gc(args: argparse.Namespace) -> int:
         print(f"aiodcp: {exc}", file=sys.stderr)
         return 1
     try:
-        leftovers = _storage.leftovers(root)  # only aiodcp's own names
+        leftovers = _retention.leftovers(root)  # only aiodcp's own names
         if not args.dry_run:
-            _storage.cleanup_leftovers(root)
+            _retention.cleanup_leftovers(root)
         for p in leftovers:
             print(("would remove " if args.dry_run else "removed ") + str(p))
         return 0

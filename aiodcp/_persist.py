@@ -238,6 +238,9 @@ class Persisting:
                 _storage.commit(self.root, tmp, msg.step, overwrite=msg.overwrite)
             except BaseException as exc:
                 err = f"{type(exc).__name__}: {exc}"
+            else:
+                if msg.overwrite:  # the old step, unless a reader still reads it
+                    _retention.remove_unheld_trash(self.root)
         if self.pg is not None:
             import torch.distributed as dist
 

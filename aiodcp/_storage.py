@@ -38,7 +38,6 @@ import errno
 import fcntl
 import os
 import re
-import shutil
 import signal
 import socket
 import stat
@@ -63,7 +62,6 @@ __all__ = [
     "highest_taken_step",
     "incomplete_steps",
     "is_leftover",
-    "leftovers",
     "new_token",
     "append_commit",
     "read_commits",
@@ -71,7 +69,6 @@ __all__ = [
     "HOLDS_DIR",
     "LATEST",
     "WriterLock",
-    "cleanup_leftovers",
     "commit",
     "list_steps",
     "read_latest",
@@ -284,7 +281,8 @@ def commit(root: Path, tmp: Path, step: int, *, overwrite: bool) -> Path:
     directory -> rename -> fsync ``root`` -> ``latest`` -> ``.commits``. A crash
     after the rename leaves ``latest``/``.commits`` behind: :func:`reconcile`
     catches them up. With ``overwrite`` an existing step is swapped out in one
-    ``rename`` (the old one stays loadable until then) and deleted afterwards.
+    ``rename`` (the old one stays loadable until then) into ``.trash-step_N-*``,
+    which :func:`remove_unheld_trash` deletes once no reader holds step N.
     """
     if not (tmp / METADATA).is_file():
         raise CheckpointError(f"refusing to commit {tmp}: it has no {METADATA}")
@@ -298,12 +296,10 @@ def commit(root: Path, tmp: Path, step: int, *, overwrite: bool) -> Path:
         if not overwrite:
             raise exists_error(root, step)
         if _renameat2(tmp, final, _RENAME_EXCHANGE):
-            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old step
+            os.rename(tmp, trash_dir(root, step))  # tmp now holds the old step
         else:  # pragma: no cover - kernels without RENAME_EXCHANGE
-            trash = trash_dir(root, step)
-            os.rename(final, trash)
+            os.rename(final, trash_dir(root, step))
             os.rename(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
     else:
         try:
             if not _renameat2(tmp, final, _RENAME_NOREPLACE):  # pragma: no cover
@@ -403,30 +399,6 @@ def read_commits(root: Path, offset: int) -> tuple[list[int], int] | None:
     end = data.rfind(b"\n") + 1
     steps = [int(line) for line in data[:end].split() if _STEP_LINE.match(line)]
     return steps, offset + end
-
-
-def leftovers(root: Path) -> list[Path]:
-    """aiodcp's own temporaries in ``root`` (exactly its names: see :data:`LEFTOVER_RE`).
-
-    Another program's ``.tmp-data/`` or ``.latest.json`` is not one of them.
-    """
-    try:
-        names = os.listdir(root)
-    except FileNotFoundError:
-        return []
-    return [root / name for name in sorted(names) if is_leftover(name)]
-
-
-def cleanup_leftovers(root: Path) -> list[Path]:
-    """Remove aiodcp's temporaries of interrupted saves; nothing else in ``root``."""
-    removed = []
-    for path in leftovers(root):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        removed.append(path)
-    return removed
 
 
 class WriterLock:
