@@ -16,9 +16,18 @@ The whole public API::
         async with version: await version.copy_into(state_dict)
 """
 
+import importlib as _importlib
 import warnings as _warnings
+from typing import TYPE_CHECKING, Any
 
-from ._checkpointer import AsyncCheckpointer, SaveEvent, SaveHandle, SaveResult
+if TYPE_CHECKING:
+    from ._checkpointer import AsyncCheckpointer, SaveEvent, SaveHandle, SaveResult
+    from ._follow import Follower, Version, follow
+    from ._guard import Guard
+    from ._load import hold, load
+    from ._publish import Publisher
+    from ._watch import watch
+
 from ._errors import (
     CheckpointCancelledError,
     CheckpointCorruptError,
@@ -31,10 +40,37 @@ from ._errors import (
     SaveFailedError,
     WorkerDiedError,
 )
-from ._follow import Follower, Version, follow
-from ._load import hold, load
-from ._publish import Publisher
-from ._watch import watch
+
+# The names that need torch load on first use (PEP 562), so that `aiodcp ls`,
+# `verify` and `gc` start without importing torch.
+_LAZY = {
+    "AsyncCheckpointer": "._checkpointer",
+    "SaveEvent": "._checkpointer",
+    "SaveHandle": "._checkpointer",
+    "SaveResult": "._checkpointer",
+    "Guard": "._guard",
+    "Follower": "._follow",
+    "Version": "._follow",
+    "follow": "._follow",
+    "Publisher": "._publish",
+    "hold": "._load",
+    "load": "._load",
+    "watch": "._watch",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'aiodcp' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __version__ = "0.1.0"
 
@@ -53,6 +89,7 @@ __all__ = [
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
     "Follower",
+    "Guard",
     "ProtocolError",
     "Publisher",
     "PublisherGoneError",

@@ -11,11 +11,11 @@ Only its own death fails its handles, and it fails no others: a new generation
 never inherits an old one's callbacks, and a late reply or exit of an old one
 is recognised by its generation number and touches nothing else (*fencing*).
 
-States (the owner reads ``state``)::
+States (the owner reads ``state``; :data:`TRANSITIONS`, an illegal move raises)::
 
     state      entered when                       leaves to
     --------   --------------------------------   ------------------------------
-    starting   spawned                            serving (Ready) | exited
+    starting   spawned                            serving (Ready) | retiring | exited
     serving    Ready received                     retiring | exited
     retiring   fatal reply, Terminate sent, kill  exited
     exited     process reaped (the one end)       --
@@ -57,12 +57,30 @@ _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 
 # ``python -c BOOTSTRAP --fd N --config JSON``: the working directory ('' with -c)
 # leaves sys.path before anything is imported, so a user's ``uuid.py`` beside the
-# training script cannot shadow a standard module in the daemon.
+# training script cannot shadow a standard module in the daemon. Whatever kills the
+# daemon before or while it starts (an import that fails) is written, as a traceback,
+# to the start-up pipe ``AIODCP_STARTUP_FD``: the parent puts it on the error it raises.
 BOOTSTRAP = (
     "import os, sys; sys.path[:] = [p for p in sys.path if p not in ('', os.getcwd())]; "
     "sys.path.insert(0, os.environ.pop('AIODCP_PACKAGE_PARENT')); "
-    "from aiodcp._daemon import main; sys.exit(main(sys.argv[1:]))"
+    "fd = int(os.environ.pop('AIODCP_STARTUP_FD'))\n"
+    "try:\n"
+    "    from aiodcp._daemon import main; code = main(sys.argv[1:])\n"
+    "except BaseException:\n"
+    "    import traceback; os.write(fd, traceback.format_exc()[-65536:].encode()); raise\n"
+    "sys.exit(code)"
 )
+
+def _read_all(fd: int) -> str:
+    """Everything in the start-up pipe (its writer has exited), then close it."""
+    chunks = []
+    try:
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode(errors="replace")
+
 
 _READ_CHUNK = 1 << 16
 _REAP_AFTER_KILL = 10.0
@@ -81,6 +99,12 @@ def describe_exit(returncode: int | None) -> str:
 
 
 State = Literal["starting", "serving", "retiring", "exited"]
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "starting": frozenset({"serving", "retiring", "exited"}),
+    "serving": frozenset({"retiring", "exited"}),
+    "retiring": frozenset({"exited"}),
+    "exited": frozenset(),
+}
 
 
 class Generation:
@@ -101,7 +125,7 @@ class Generation:
         self.sock = sock
         self.rank = rank
         self.conn = p.Connection(p.Role.PARENT)
-        self.state: State = "starting"
+        self._state: State = "starting"
         self.pending: dict[int, Any] = {}  # req_id -> SaveHandle sent to this daemon
         self.arenas: set[int] = set()  # arenas this daemon has mapped
         self.returncode: int | None = None
@@ -117,6 +141,19 @@ class Generation:
 
     def __repr__(self) -> str:
         return f"<Generation {self.number} pid {self.pid} {self.state}>"
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    def _move(self, state: State) -> None:
+        """Enter ``state`` (:data:`TRANSITIONS`; retiring again is a no-op); an illegal
+        move raises."""
+        if state == self._state == "retiring":
+            return
+        if state not in TRANSITIONS[self._state]:
+            raise RuntimeError(f"{self!r}: illegal move {self._state} -> {state}")
+        self._state = state
 
     @property
     def alive(self) -> bool:
@@ -136,14 +173,16 @@ class Generation:
     ) -> Generation:
         """Spawn the daemon and wait (cancellably, within ``init_timeout``) for ``Ready``."""
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        startup_r, startup_w = os.pipe()
         env = dict(os.environ)
         env["AIODCP_PACKAGE_PARENT"] = _PACKAGE_PARENT
+        env["AIODCP_STARTUP_FD"] = str(startup_w)
         argv = [sys.executable, "-c", BOOTSTRAP, "--fd", str(child_sock.fileno())]
         argv += ["--config", json.dumps(asdict(config))]
         try:
             process = await anyio.open_process(
                 argv,
-                pass_fds=(child_sock.fileno(),),
+                pass_fds=(child_sock.fileno(), startup_w),
                 stdin=subprocess.DEVNULL,
                 stdout=None,
                 stderr=None,
@@ -154,10 +193,12 @@ class Generation:
             )
         except BaseException:
             parent_sock.close()
+            os.close(startup_r)
             raise
         finally:
             # Our copy of the child's end must go at once: then a dead child is EOF.
             child_sock.close()
+            os.close(startup_w)
         parent_sock.setblocking(False)
         gen = cls(number, process, parent_sock, config.rank, on_message, on_exit)
         tg.start_soon(gen._run, name=f"aiodcp daemon generation {number} pid {gen.pid}")
@@ -173,22 +214,28 @@ class Generation:
                     await gen.ready.wait()
                     race.cancel_scope.cancel()
         except TimeoutError:
+            os.close(startup_r)
             await gen.kill()
             raise CheckpointError(
                 f"checkpoint daemon (pid {gen.pid}) did not initialise within {init_timeout}s"
             ) from None
         except BaseException:
+            os.close(startup_r)
             await gen.kill()
             raise
         if gen.state != "serving":
             await gen.kill()
+            tb = await anyio.to_thread.run_sync(_read_all, startup_r)  # the child is gone: EOF
             if gen.init_error is not None:
                 raise gen.init_error
+            last = tb.strip().splitlines()[-1] if tb.strip() else ""
             raise WorkerDiedError(
                 f"checkpoint daemon (pid {gen.pid}) {describe_exit(gen.returncode)} "
-                "during start-up",
+                "during start-up" + (f": {last}" if last else ""),
                 returncode=gen.returncode,
+                remote_traceback=tb,
             )
+        os.close(startup_r)
         return gen
 
     # ---------------------------------------------------------------- tasks
@@ -209,7 +256,7 @@ class Generation:
                     self._signal(signal.SIGKILL)
                     with anyio.move_on_after(_REAP_AFTER_KILL):
                         self.returncode = await self.process.wait()
-                self.state = "exited"
+                self._move("exited")
                 self.exited.set()
                 self.sock.close()
                 if not self.stopping:
@@ -246,7 +293,7 @@ class Generation:
                         break
                     if isinstance(ev, p.Closed):
                         if self.state == "serving":
-                            self.state = "retiring"  # EOF: the process is on its way out
+                            self._move("retiring")  # EOF: the process is on its way out
                         return
                     assert isinstance(ev, p.Message)
                     self._handle(ev)
@@ -266,20 +313,20 @@ class Generation:
             return
         if isinstance(msg, p.Ready):
             if self.state == "starting":
-                self.state = "serving"
+                self._move("serving")
             self.ready.set()
         elif isinstance(msg, p.InitFailed):
             self.init_error = CheckpointError(
                 f"checkpoint daemon (pid {self.pid}) failed to initialise: "
                 f"{msg.error_type}: {msg.message}\n{msg.traceback}"
             )
-            self.state = "retiring"
+            self._move("retiring")
             self.ready.set()
         elif isinstance(msg, p.Log):
             _daemon_log.log(msg.level, "[rank %d daemon %d] %s", self.rank, self.pid, msg.message)
         else:
             if isinstance(msg, p.SaveFailed) and msg.fatal:
-                self.state = "retiring"  # it exits after this reply
+                self._move("retiring")  # it exits after this reply
             self._on_message(self, msg)
 
     async def _flush_loop(self) -> None:
@@ -352,7 +399,7 @@ class Generation:
         with anyio.CancelScope(shield=True):
             self.stopping = True
             if self.state != "exited":
-                self.state = "retiring"
+                self._move("retiring")
             self._signal(signal.SIGKILL)
             with anyio.move_on_after(_REAP_AFTER_KILL):
                 await self.process.wait()
@@ -364,7 +411,7 @@ class Generation:
             self.stopping = True
             if self.process.returncode is None and self.state != "exited":
                 if self.state == "serving":
-                    self.state = "retiring"
+                    self._move("retiring")
                     try:
                         self.send(p.Terminate())
                     except ProtocolError:

@@ -21,6 +21,7 @@ from . import _storage
 from ._errors import (
     CheckpointCancelledError,
     CheckpointError,
+    CheckpointExistsError,
     SaveFailedError,
     WorkerDiedError,
 )
@@ -63,9 +64,10 @@ class Outcomes(Parts):
                     step=handle.step,
                 )
             else:
-                error = SaveFailedError(
+                log.debug("daemon traceback of step %d:\n%s", handle.step, msg.traceback)
+                error = SaveFailedError(  # the traceback: .remote_traceback and debug log
                     f"save of step {handle.step} failed in the daemon: {msg.error_type}: "
-                    f"{msg.message}\n--- daemon traceback ---\n{msg.traceback}",
+                    f"{msg.message.strip().partition(chr(10))[0][:500]}",
                     step=handle.step,
                     remote_type=msg.error_type,
                     remote_traceback=msg.traceback,
@@ -110,6 +112,8 @@ class Outcomes(Parts):
         if handle._gen is not None:
             handle._gen.pending.pop(handle._req_id, None)
         self._reserved.discard(handle.step)
+        if isinstance(error, CheckpointExistsError):  # taken on disk meanwhile: skip it
+            self._high_step = max(self._high_step, handle.step)
         first = handle._finish(result, error)
         self._settle(handle)
         if first and error is not None:
@@ -135,7 +139,8 @@ class Outcomes(Parts):
         """
         handles = list(gen.pending.values())
         fresh = [h.step for h in handles if not h._overwrite]  # an overwrite's step existed
-        committed = await anyio.to_thread.run_sync(self._after_death, fresh)
+        committed, taken = await anyio.to_thread.run_sync(self._after_death, fresh)
+        self._high_step = max(self._high_step, taken)  # on the loop, never in the thread
         for handle in handles:
             if handle.step in committed:
                 log.warning(
@@ -146,16 +151,16 @@ class Outcomes(Parts):
                 self._finish(handle, None, self._died_error(gen, handle.step))
                 self._unobserved.append(handle)
 
-    def _after_death(self, steps: list[int]) -> set[int]:
-        """Worker thread: which of ``steps`` are committed; repair derived state."""
+    def _after_death(self, steps: list[int]) -> tuple[set[int], int]:
+        """Worker thread: which of ``steps`` are committed, the highest step taken on
+        disk; repair derived state."""
         committed = {s for s in steps if _storage.is_committed(self.root, s)}
         if self.rank == 0:
             try:
                 _storage.reconcile(self.root)
             except OSError as exc:
                 log.warning("could not repair latest/.commits in %s: %s", self.root, exc)
-        self._high_step = max(self._high_step, latest_on_disk(self.root, self.rank))
-        return committed
+        return committed, latest_on_disk(self.root, self.rank)
 
     def _died_error(self, gen: Generation, step: int | None) -> WorkerDiedError:
         where = f" while saving step {step}" if step is not None else ""
@@ -178,5 +183,5 @@ class Outcomes(Parts):
 
 
 def latest_on_disk(root: Path, rank: int) -> int:
-    latest = _storage.read_latest(root)
-    return -1 if latest is None else latest
+    """The highest step taken on disk, committed or not: ``step=None`` picks a higher one."""
+    return _storage.highest_taken_step(root)

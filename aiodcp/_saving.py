@@ -130,9 +130,11 @@ class Saving(Parts):
         try:
             try:
                 fd, nbytes = await copying.result()
-            except BaseException as exc:  # the copy's own error (the wait is shielded)
+            except BaseException as exc:
                 handle._copying = None
                 self._finish_unsent(handle, _as_error(exc, handle.step))
+                if exc is not copying.error:  # not the copy's error: we are cancelled
+                    raise  # (natively: the loop is ending; the shield stops anyio's)
                 return
         finally:
             self._settle(handle)  # a handle already done lets go of its slot now
@@ -192,7 +194,7 @@ class Saving(Parts):
         """Copy thread: flatten, fit the slot's arena, copy, write the skeleton memfd."""
         step = handle.step
         if not overwrite and _storage.step_dir(self.root, step).exists():
-            raise CheckpointExistsError(f"step {step} already exists in {self.root}")
+            raise _storage.exists_error(self.root, step)
         # No GC pass (a full collection can hold the GIL for 100s of ms), and short
         # GIL switch intervals, while this thread runs Python code per tensor. Both
         # are this thread's to restore, whatever happens to the caller.

@@ -20,7 +20,7 @@ import anyio.abc
 import anyio.to_thread
 
 from . import _protocol as p
-from . import _storage
+from . import _retention
 from ._dist import DaemonAgreement, Group, Rendezvous
 from ._errors import CheckpointError
 from ._generation import Generation
@@ -90,7 +90,7 @@ class Supervisor:
             if gen is not None:
                 await gen.stop(self._shutdown_timeout)  # a live peer of a dead daemon, too
                 if self.group.rank == 0:  # no daemon runs now: temporaries are litter
-                    await anyio.to_thread.run_sync(_storage.cleanup_leftovers, self._root)
+                    await anyio.to_thread.run_sync(_retention.cleanup_leftovers, self._root)
             return await self._spawn(rdv)
 
     async def _spawn(self, rdv: Rendezvous | None) -> Generation:

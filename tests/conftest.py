@@ -13,6 +13,14 @@ import pytest
 import uvloop
 from blockbuster import blockbuster_ctx
 
+# aiodcp loads its torch-side names on first use (PEP 562, so that `aiodcp ls` starts
+# without torch); load them now, not on a first access inside an async test under
+# blockbuster (the import machinery's file reads would count as blocking calls).
+import aiodcp._checkpointer
+import aiodcp._guard
+import aiodcp._load
+import aiodcp._watch  # noqa: F401
+
 REPO = Path(__file__).resolve().parent.parent
 
 
