@@ -254,6 +254,7 @@ class Publisher:
         if not self._open:
             return
         self._open = False
+        self._signal()  # publishes waiting for a place find it closed
         for reader in list(self._readers):
             with contextlib.suppress(ProtocolError):
                 reader.send(w.Closing())  # best effort: readers end their iteration

@@ -71,7 +71,7 @@ async def learner(root: str, n_actors: int, updates: int, every: int) -> None:
         # The ring: the latest version and those actors hold; a publish waits for a place.
         publisher = await ckpt.publisher(ring=n_actors + 1, when_full="wait")
         actors = [await spawn_actor(root, i, final) for i in range(n_actors)]
-        while publisher.readers < n_actors:  # let them connect (they would catch up anyway)
+        while publisher.readers < n_actors:  # noqa: ASYNC110  (let them connect first)
             await asyncio.sleep(0.05)
         for update in range(start, final + 1):
             obs = torch.randn(64, 8)
