@@ -40,7 +40,7 @@ from ._arena import Arena
 from ._errors import CheckpointError, ProtocolError
 from ._parts import Parts
 from ._staging import Flat
-from ._versions import Sealed, seal_from_arena, seal_from_state
+from ._versions import Sealed, Spare, seal_from_arena, seal_from_state
 
 __all__ = ["Publisher", "Publishing", "Ticket", "socket_name"]
 
@@ -96,7 +96,7 @@ class Ticket:
         """Blocking: copy the staged bytes into a new sealed version and publish it."""
         if self._done:
             return
-        sealed = seal_from_arena(arena, flat, self.number)
+        sealed = seal_from_arena(arena, flat, self.number, self.publisher._spare)
         if not self._finish(sealed):
             sealed.close()
 
@@ -207,6 +207,8 @@ class Publisher:
         self._inbox_lock = threading.Lock()
         self._wake_r = self._wake_w = -1
         self._open = False
+        self._spare = Spare()
+        self._making_spare = False
         self._started = anyio.Event()  # (a checkpointer's publisher) opened, or
         self._failed = anyio.Event()  # failed to
 
@@ -266,6 +268,7 @@ class Publisher:
             self._close_all()
 
     def _close_all(self) -> None:
+        self._spare.close()
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -318,7 +321,7 @@ class Publisher:
         made: list[Sealed] = []
 
         def fill() -> None:
-            made.append(seal_from_state(state_dict, ticket.number))
+            made.append(seal_from_state(state_dict, ticket.number, self._spare))
 
         try:
             await anyio.to_thread.run_sync(fill)
@@ -412,10 +415,22 @@ class Publisher:
             return
         self._entries[ticket.number] = _Entry(ticket.number, sealed)
         self._latest = ticket.number
+        if not self._making_spare and self._tg is not None:  # the next publish only copies
+            self._making_spare = True
+            self._tg.start_soon(self._make_spare, sealed.nbytes, sealed.header_nbytes)
         self._trim()
         for reader in list(self._readers):
             reader.send(w.Announce(ticket.number))
         self._signal()
+
+    async def _make_spare(self, nbytes: int, header_nbytes: int) -> None:
+        capacity = max(2 * header_nbytes, 4096)
+        try:
+            await anyio.to_thread.run_sync(self._spare.make, nbytes, capacity)
+        except OSError as exc:  # no memory for it now: publishes allocate as they go
+            log.warning("publisher: no spare version made: %s", exc)
+        finally:
+            self._making_spare = False
 
     def _trim(self) -> None:
         """Versions neither latest nor leased leave the ring."""

@@ -23,6 +23,7 @@ import io
 import mmap
 import os
 import pickle
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +46,7 @@ from ._staging import (
     specs_of,
 )
 
-__all__ = ["SEALS", "Mapped", "Sealed", "copy_into", "seal_from_arena", "seal_from_state"]
+__all__ = ["SEALS", "Mapped", "Sealed", "Spare", "copy_into", "seal_from_arena", "seal_from_state"]
 
 SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 _MADV_POPULATE_READ = 22
@@ -97,9 +98,62 @@ def _header(specs: tuple[TensorSpec, ...], skeleton: dict[str, Any]) -> bytes:
     return pickle.dumps((table, _public(skeleton)), protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _create(nbytes: int, header: bytes, name: str) -> tuple[int, int, int, int]:
-    """A memfd of ``nbytes`` + header, header written, mapped writable and pre-faulted.
-    Returns (fd, address, size, header offset)."""
+class Spare:
+    """One new memfd made ahead of time, mapped and pre-faulted (any thread may use it).
+
+    Allocating and zeroing fresh pages costs about as much as the copy itself; with a
+    spare ready, a publish only copies and seals. It costs one version of memory while
+    it waits; the publisher makes the next one after each publish.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ready: tuple[int, int, int, int, int] | None = None  # fd, addr, size, hoff, n
+        self.closed = False
+
+    def take(self, nbytes: int, header_nbytes: int) -> tuple[int, int, int, int] | None:
+        with self._lock:
+            ready = self._ready
+            if ready is None or ready[4] != nbytes or ready[2] - ready[3] < header_nbytes:
+                return None
+            self._ready = None
+        return ready[:4]
+
+    def make(self, nbytes: int, header_capacity: int) -> None:
+        """Blocking: make the spare now (if none is ready)."""
+        with self._lock:
+            if self._ready is not None or self.closed:
+                return
+        made = _create(nbytes, bytes(header_capacity), "aiodcp-version")
+        with self._lock:
+            if self._ready is None and not self.closed:
+                self._ready = (*made, nbytes)
+                return
+        _drop(*made)
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+            ready, self._ready = self._ready, None
+        if ready is not None:
+            _drop(*ready[:3])
+
+
+def _drop(fd: int, addr: int, size: int, *_: int) -> None:
+    _libc().munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
+    os.close(fd)
+
+
+def _create(
+    nbytes: int, header: bytes, name: str, spare: Spare | None = None
+) -> tuple[int, int, int, int]:
+    """A memfd of ``nbytes`` + header, header written, mapped writable and pre-faulted
+    (``spare``'s, when it has one that fits). Returns (fd, address, size, header offset)."""
+    ready = spare.take(nbytes, len(header)) if spare is not None else None
+    if ready is not None:
+        fd, addr, size, header_offset = ready
+        os.pwrite(fd, header, header_offset)
+        return ready
     header_offset = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
     size = max(header_offset + len(header), mmap.PAGESIZE)
     fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -130,13 +184,15 @@ def _base(addr: int, nbytes: int) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=torch.uint8)[:nbytes]
 
 
-def seal_from_state(state_dict: Mapping[str, Any], version: int) -> Sealed:
+def seal_from_state(
+    state_dict: Mapping[str, Any], version: int, spare: Spare | None = None
+) -> Sealed:
     """Flatten ``state_dict`` and copy it into a new sealed version (blocking)."""
     with gc_paused(), quick_switching():
         flat = flatten(state_dict)
         specs, nbytes = specs_of(flat.layout)
         header = _header(specs, flat.skeleton)
-        fd, addr, size, header_offset = _create(nbytes, header, f"aiodcp-version-{version}")
+        fd, addr, size, header_offset = _create(nbytes, header, f"aiodcp-version-{version}", spare)
         try:
             base = _base(addr, nbytes)
             dst: list[torch.Tensor] = []
@@ -162,11 +218,11 @@ def seal_from_state(state_dict: Mapping[str, Any], version: int) -> Sealed:
     return Sealed(fd, nbytes, header_offset, len(header))
 
 
-def seal_from_arena(arena: Arena, flat: Flat, version: int) -> Sealed:
+def seal_from_arena(arena: Arena, flat: Flat, version: int, spare: Spare | None = None) -> Sealed:
     """Copy a staged arena's tensor bytes into a new sealed version (blocking)."""
     header = _header(arena.specs, flat.skeleton)
     nbytes = arena.nbytes
-    fd, addr, size, header_offset = _create(nbytes, header, f"aiodcp-version-{version}")
+    fd, addr, size, header_offset = _create(nbytes, header, f"aiodcp-version-{version}", spare)
     try:
         if nbytes:
             with torch.no_grad():
