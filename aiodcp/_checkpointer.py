@@ -36,8 +36,10 @@ from ._handle import SaveEvent, SaveHandle, SaveResult
 from ._load import load_checkpoint
 from ._outcomes import Outcomes, latest_on_disk
 from ._preempt import Preemption
+from ._roots import open_store
 from ._saving import Saving
 from ._slots import SlotPool
+from ._store import LocalStore
 from ._supervisor import Supervisor
 from ._watch import watch
 
@@ -89,6 +91,9 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
             taken from training; the price is that a reader right after the
             save reads from disk, not from memory.
         on_event: called on the event loop with each :class:`SaveEvent`.
+        storage_options: for an ``s3://bucket/prefix`` root: ``endpoint_url``,
+            ``region_name``, retry, timeout and multipart settings (see the README,
+            "Object storage"); credentials come from the standard environment.
     """
 
     def __init__(
@@ -110,6 +115,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
         daemon_niceness: int = 0,
         direct_io: bool = True,
         on_event: Callable[[SaveEvent], None] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(max_inflight, int) or max_inflight < 1:
             raise ValueError(f"max_inflight must be an int >= 1, got {max_inflight!r}")
@@ -126,7 +132,11 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
         ):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
-        self.root = Path(root).absolute()
+        # parsed once, here: an unsupported scheme is refused, never a local directory
+        self.store = open_store(root, storage_options)
+        self.root: Path | str = (
+            self.store.root if isinstance(self.store, LocalStore) else str(self.store)
+        )
         self._process_group = process_group
         self.init_timeout = float(init_timeout)
         self.shutdown_timeout = float(shutdown_timeout)
@@ -252,7 +262,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
         assert self._tg is not None and self._group is not None
         self._daemons = Supervisor(
             self._tg,
-            self.root,
+            self.store,
             self._group,
             self._daemon_config,
             init_timeout=self.init_timeout,
@@ -287,6 +297,11 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
             await self._tg.__aexit__(None, None, None)
 
     def _prepare_root(self) -> None:
+        if self.store.remote:
+            self.store.open_writer(self.rank)
+            self._high_step = max(self._high_step, latest_on_disk(self.store, self.rank))
+            return
+        assert isinstance(self.root, Path)
         if self.root.exists() and not self.root.is_dir():
             raise CheckpointError(f"checkpoint root {self.root} exists and is not a directory")
         self.root.mkdir(parents=True, exist_ok=True)
@@ -302,7 +317,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
             appended = _storage.reconcile(self.root)  # the directories are the truth
             if appended:
                 log.warning("steps %s were committed but not logged; logged them now", appended)
-        self._high_step = max(self._high_step, latest_on_disk(self.root, self.rank))
+        self._high_step = max(self._high_step, latest_on_disk(self.store, self.rank))
 
     def _daemon_config(self, rdv: Rendezvous | None) -> p.DaemonConfig:
         group = self._group
@@ -325,6 +340,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
             keep_last=self.keep_last,
             keep_every=self.keep_every,
             log_level=logging.getLogger("aiodcp").getEffectiveLevel(),
+            storage_options=self.store.options.to_json() if self.store.remote else None,  # type: ignore[attr-defined]
         )
 
     async def __aexit__(
@@ -377,7 +393,10 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
         def close() -> None:
             for slot in self._slots.slots:
                 slot.close()
+            if self.store.remote and self.rank == 0:
+                self.store.close_writer()
             if self._lock is not None:
+                assert isinstance(self.root, Path)
                 # no daemon runs now: whatever temporaries are left are litter
                 _storage.cleanup_leftovers(self.root)
                 self._lock.release()
@@ -454,7 +473,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
 
     async def steps(self) -> list[int]:
         """Committed steps under ``root``, ascending."""
-        return await anyio.to_thread.run_sync(_storage.list_steps, self.root)
+        return await anyio.to_thread.run_sync(self.store.list_steps)
 
     async def load(
         self,
@@ -474,7 +493,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
         self._check_open()
         return await load_checkpoint(
             state_dict,
-            self.root,
+            self.store,
             step=step,
             group=self._group,
             verify=verify,
@@ -486,4 +505,4 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
         self, *, include_latest: bool = False, poll_interval: float = 0.5
     ) -> AsyncIterator[int]:
         """``aiodcp.watch`` on this checkpointer's root."""
-        return watch(self.root, include_latest=include_latest, poll_interval=poll_interval)
+        return watch(self.store, include_latest=include_latest, poll_interval=poll_interval)

@@ -22,7 +22,40 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def _store(root: str) -> Any:
+    """The root's store, parsed once (an unsupported URL is an error, never a local path);
+    None after printing why it cannot be opened."""
+    from ._roots import open_store
+
+    try:
+        return open_store(root)
+    except (ValueError, ImportError) as exc:
+        print(f"aiodcp: {exc}", file=sys.stderr)
+        return None
+
+
+def _remote(args: argparse.Namespace) -> int | None:
+    """An object-store root's command (:mod:`aiodcp._cli_remote`); None for a local root."""
+    store = _store(args.root)
+    if store is None:
+        return 1
+    if not store.remote:
+        return None
+    from . import _cli_remote
+
+    try:
+        if args.cmd == "inspect":
+            return _show_metadata(args, *_cli_remote.metadata(store, args.step))
+        code: int = getattr(_cli_remote, args.cmd)(store, args)
+    except CheckpointError as exc:
+        print(f"aiodcp: {exc}", file=sys.stderr)
+        return 1
+    return code
+
+
 def _ls(args: argparse.Namespace) -> int:
+    if (code := _remote(args)) is not None:
+        return code
     root = Path(args.root)
     if not root.is_dir():
         print(f"aiodcp: {root} is not a directory", file=sys.stderr)
@@ -66,6 +99,8 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    if (code := _remote(args)) is not None:
+        return code
     root = Path(args.root)
     try:
         step = args.step if args.step is not None else _storage.read_latest(root)
@@ -75,6 +110,10 @@ def _inspect(args: argparse.Namespace) -> int:
     except CheckpointError as exc:
         print(f"aiodcp: {exc}", file=sys.stderr)
         return 1
+    return _show_metadata(args, step, str(_storage.step_dir(root, step)), metadata)
+
+
+def _show_metadata(args: argparse.Namespace, step: int, where: str, metadata: Any) -> int:
     rows: list[dict[str, Any]] = []
     for fqn, meta in sorted(metadata.state_dict_metadata.items()):
         props = getattr(meta, "properties", None)
@@ -99,7 +138,7 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"step": step, "entries": rows}, indent=2))
         return 0
-    print(f"step {step} ({_storage.step_dir(root, step)})")
+    print(f"step {step} ({where})")
     for r in rows:
         if r["kind"] == "object":
             print(f"  {r['key']:<40} python object")
@@ -115,6 +154,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     """Check steps against their manifests (sizes and xxh3_64): 0 all good, 1 a mismatch."""
+    if (code := _remote(args)) is not None:
+        return code
     root = Path(args.root)
     if not root.is_dir():
         print(f"aiodcp: {root} is not a directory", file=sys.stderr)
@@ -201,6 +242,8 @@ async def _demo_loop(root: str, steps: int, every: int) -> int:
 
 
 def _gc(args: argparse.Namespace) -> int:
+    if (code := _remote(args)) is not None:
+        return code
     root = Path(args.root)
     lock = _storage.WriterLock(root)
     try:

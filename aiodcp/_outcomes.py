@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any, Literal
 
 import anyio
@@ -17,7 +16,6 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from . import _protocol as p
-from . import _storage
 from ._errors import (
     CheckpointCancelledError,
     CheckpointError,
@@ -27,6 +25,7 @@ from ._errors import (
 from ._generation import Generation, describe_exit
 from ._handle import SaveEvent, SaveHandle, SaveResult
 from ._parts import Parts
+from ._store import Store
 from ._watch import notify_commit
 
 log = logging.getLogger("aiodcp")
@@ -70,7 +69,8 @@ class Outcomes(Parts):
                     remote_type=msg.error_type,
                     remote_traceback=msg.traceback,
                 )
-            if msg.cancelled or handle._overwrite:
+            # (a step that already existed is committed, but not by this save)
+            if msg.cancelled or handle._overwrite or msg.error_type == "CheckpointExistsError":
                 self._finish(handle, None, error)
                 self._unobserved.append(handle)
             else:
@@ -80,7 +80,7 @@ class Outcomes(Parts):
                 self._spawn(self._settle_from_disk, handle, error, name="settle from disk")
 
     async def _settle_from_disk(self, handle: SaveHandle, error: CheckpointError) -> None:
-        committed = await anyio.to_thread.run_sync(_storage.is_committed, self.root, handle.step)
+        committed = await anyio.to_thread.run_sync(self.store.is_committed, handle.step)
         if committed:
             log.warning("step %d was committed although its save reported: %s", handle.step, error)
             self._committed(handle, handle._nbytes, 0.0, recovered=True)
@@ -92,11 +92,12 @@ class Outcomes(Parts):
         self._high_step = max(self._high_step, handle.step)
         result = SaveResult(
             step=handle.step,
-            path=_storage.step_dir(self.root, handle.step),
+            path=self.store.step_path(handle.step),
             nbytes=nbytes,
             stage_seconds=handle._stage_seconds,
             persist_seconds=persist,
             recovered=recovered,
+            _store=self.store,
         )
         if self._finish(handle, result, None):
             self._emit(handle, "committed", nbytes, nbytes)
@@ -148,13 +149,13 @@ class Outcomes(Parts):
 
     def _after_death(self, steps: list[int]) -> set[int]:
         """Worker thread: which of ``steps`` are committed; repair derived state."""
-        committed = {s for s in steps if _storage.is_committed(self.root, s)}
+        committed = {s for s in steps if self.store.is_committed(s)}
         if self.rank == 0:
             try:
-                _storage.reconcile(self.root)
+                self.store.reconcile()
             except OSError as exc:
                 log.warning("could not repair latest/.commits in %s: %s", self.root, exc)
-        self._high_step = max(self._high_step, latest_on_disk(self.root, self.rank))
+        self._high_step = max(self._high_step, latest_on_disk(self.store, self.rank))
         return committed
 
     def _died_error(self, gen: Generation, step: int | None) -> WorkerDiedError:
@@ -177,6 +178,6 @@ class Outcomes(Parts):
             log.exception("on_event callback failed")
 
 
-def latest_on_disk(root: Path, rank: int) -> int:
-    latest = _storage.read_latest(root)
+def latest_on_disk(store: Store, rank: int) -> int:
+    latest = store.latest()
     return -1 if latest is None else latest

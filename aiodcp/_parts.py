@@ -20,6 +20,7 @@ from ._generation import Generation
 from ._guard import Guard
 from ._handle import SaveEvent, SaveHandle, SaveResult
 from ._slots import SlotPool
+from ._store import Store
 from ._supervisor import Supervisor
 
 __all__ = ["Parts"]
@@ -27,7 +28,8 @@ __all__ = ["Parts"]
 
 class Parts:
     # set by AsyncCheckpointer.__init__ / open
-    root: Path
+    root: Path | str
+    store: Store
     when_busy: str
     on_event: Callable[[SaveEvent], None] | None
     _group: Group | None
