@@ -24,6 +24,8 @@ from typing import Any, NoReturn
 
 import torch
 
+from ._bench_train import interleaved
+
 MiB = 1 << 20
 SHAPES = ("big16", "dense", "moe", "small100k")
 DEFAULT_MIB = {"big16": 256, "dense": 256, "moe": 256, "small100k": 64, "tensors": 256}
@@ -157,11 +159,6 @@ async def _lagged(fn: Measure) -> Sample:
     early = [lag for when, lag in ticks if when <= cut]
     late = [lag for when, lag in ticks if when > cut]
     return stall, e2e, max(early, default=0.0), staged, max(late, default=0.0)
-
-
-def interleaved(names: list[str], rounds: int) -> list[list[str]]:
-    """Round r runs the methods rotated by r: A B C, B C A, C A B, ..."""
-    return [names[r % len(names) :] + names[: r % len(names)] for r in range(rounds)]
 
 
 def _medians(samples: list[Sample]) -> Sample:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import inspect
 import math
 import os
 import shutil
@@ -61,6 +60,11 @@ class _Block(torch.nn.Module):
         return out
 
 
+def interleaved(names: list[str], rounds: int) -> list[list[str]]:
+    """Round r runs the methods rotated by r: A B C, B C A, C A B, ..."""
+    return [names[r % len(names) :] + names[: r % len(names)] for r in range(rounds)]
+
+
 def make_model(mib: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, int]:
     """A residual MLP whose params + AdamW moments are about ``mib`` MiB; one step taken."""
     d = max(32, round(math.sqrt(mib * MiB / (3 * 4 * BLOCKS * 8)) / 32) * 32)
@@ -76,12 +80,6 @@ def _train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Ten
     loss = (model(x) - x).pow(2).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
-
-
-def overlap_available() -> bool:
-    from ._checkpointer import AsyncCheckpointer
-
-    return "overlap" in inspect.signature(AsyncCheckpointer.save).parameters
 
 
 class _Saver:
@@ -234,17 +232,15 @@ async def run_one(
 
 
 def main(args: argparse.Namespace, base: Path) -> int:
-    from ._bench import interleaved
 
     model, opt, d = make_model(args.mib or 250)
     nbytes = sum(p.nbytes for p in model.parameters()) + sum(
         t.nbytes for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)
     )
-    have_overlap = overlap_available()
     wanted = args.methods.split(",") if args.methods else DEFAULT_METHODS
     if bad := [m for m in wanted if m not in METHODS]:
         raise SystemExit(f"unknown training method(s) {bad}; choose from {', '.join(METHODS)}")
-    methods = [m for m in METHODS if m in wanted and (have_overlap or m != "overlap")]
+    methods = [m for m in METHODS if m in wanted]
     if "none" not in methods:
         methods.insert(0, "none")
     x = torch.randn(args.batch, d)

@@ -178,6 +178,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
         self._host_done: anyio.Event | None = None
         self._host_task: Any = None  # a strong reference: asyncio keeps only weak ones
         self._body_scope: anyio.CancelScope | None = None
+        self._receivers: list[Any] = []  # handle_signals()'s, restored at close
         self.preempted: int | None = None
         """The signal that ended the block, after ``handle_signals``; else None."""
 
@@ -227,7 +228,13 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
                     self._tg = tg
                     started.set()
                     assert self._host_close is not None
-                    await self._host_close.wait()
+                    try:
+                        await self._host_close.wait()
+                    except BaseException:
+                        # The loop is shutting down (asyncio.run ended, the kernel stops)
+                        # and nobody called aclose(): the daemon has the staged bytes.
+                        self._abandoned()
+                        raise
                     tg.cancel_scope.cancel()
             finally:
                 assert self._host_done is not None
@@ -236,6 +243,19 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
         self._host_task = asyncio.get_running_loop().create_task(host())
         await started.wait()
         return await self._finish_open()
+
+    def _abandoned(self) -> None:
+        """A ``start()``-ed checkpointer whose loop ends without ``aclose()``: the loop
+        cancels every task, the daemon's too, so what is in flight is lost -- say which."""
+        if self._state != "open":
+            return
+        lost = sorted(h.step for h in self._inflight if h._result is None)
+        log.error(
+            "AsyncCheckpointer(%s) was never closed: its event loop ended without "
+            "`await ckpt.aclose()`%s",
+            self.root,
+            f"; steps {lost} in flight were NOT committed" if lost else "",
+        )
 
     async def aclose(self) -> None:
         """Close a checkpointer opened with :meth:`start` (as a normal ``async with`` exit)."""
@@ -371,6 +391,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
             self._state = "closing"
             await self._daemons.stop()
             await self._close_task_group()
+            self._restore_signals()  # the program's own handlers, whatever ended the block
             with anyio.CancelScope(shield=True):
                 await self._close_resources()
             self._state = "closed"

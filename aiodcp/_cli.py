@@ -75,24 +75,28 @@ def _ls(args: argparse.Namespace) -> int:
                 "latest": step == latest,
             }
         )
-    for entry in sorted(root.iterdir()):
-        if entry.name.startswith(_storage.TMP_PREFIX):
-            rows.append(
-                {
-                    "step": None,
-                    "path": str(entry),
-                    "bytes": _size(entry),
-                    "mtime": entry.stat().st_mtime,
-                    "committed": False,
-                    "latest": False,
-                }
-            )
+    # not committed: aiodcp's saves in progress, and step_N/ without .metadata
+    partial = [p for p in _storage.leftovers(root) if p.name.startswith(_storage.TMP_PREFIX)]
+    partial += [_storage.step_dir(root, s) for s in _storage.incomplete_steps(root)]
+    for entry in partial:
+        rows.append(
+            {
+                "step": None,
+                "path": str(entry),
+                "bytes": _size(entry),
+                "mtime": entry.stat().st_mtime,
+                "committed": False,
+                "latest": False,
+            }
+        )
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     for r in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["mtime"]))
-        name = f"step {r['step']}" if r["committed"] else f"partial {Path(r['path']).name}"
+        base = Path(r["path"]).name
+        kind = "incomplete" if base.startswith("step_") else "partial"  # never aiodcp's
+        name = f"step {r['step']}" if r["committed"] else f"{kind} {base}"
         mark = "  (latest)" if r["latest"] else ""
         print(f"{name:<40}{r['bytes'] / 2**20:>10.1f} MiB  {when}{mark}")
     return 0
@@ -252,11 +256,7 @@ def _gc(args: argparse.Namespace) -> int:
         print(f"aiodcp: {exc}", file=sys.stderr)
         return 1
     try:
-        leftovers = [
-            p
-            for p in root.iterdir()
-            if p.name.startswith((_storage.TMP_PREFIX, _storage.TRASH_PREFIX))
-        ]
+        leftovers = _storage.leftovers(root)  # only aiodcp's own names
         if not args.dry_run:
             _storage.cleanup_leftovers(root)
         for p in leftovers:

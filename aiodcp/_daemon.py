@@ -43,7 +43,7 @@ from typing import Any
 from . import _protocol as p
 from ._arena import MappedArena, read_fd
 from ._errors import ProtocolError
-from ._persist import Persisting, Request
+from ._persist import Persisting, Request, Stop, Stopping
 from ._protocol import DaemonConfig as Config
 from ._roots import open_store
 from ._staging import MeshSpec
@@ -91,7 +91,7 @@ class Daemon(Persisting):
         self.requests: dict[int, Request] = {}
         self.todo: queue.Queue[Request | None] = queue.Queue()
         self.stop = threading.Event()
-        self.stop_reason = ""
+        self.stopping = Stopping()
         self.tmp_dirs: set[Path] = set()
         self.pg: Any = None
         self.meshes: dict[Any, Any] = {}
@@ -192,12 +192,12 @@ class Daemon(Persisting):
         elif isinstance(msg, p.Terminate):
             self.todo.put(None)
 
-    def _halt(self, reason: str) -> None:
-        """The parent is gone or unusable: abort everything and stop."""
+    def _halt(self, reason: str, kind: Stop = Stop.HALT) -> None:
+        """The parent is gone or unusable (or SIGTERM): abort everything and stop."""
         for req in list(self.requests.values()):
             req.reason = reason
             req.cancel.set()
-        self.stop_reason = self.stop_reason or reason
+        self.stopping.enter(kind, reason)
         self.todo.put(None)
         self.stop.set()
 
@@ -277,11 +277,11 @@ class Daemon(Persisting):
         return self._shutdown(saver)
 
     def _shutdown(self, saver: threading.Thread) -> int:
-        graceful = self.stop_reason == "terminate"
+        graceful = self.stopping.kind is Stop.TERMINATE
         saver.join(timeout=None if graceful else 3.0)
         for tmp in list(self.tmp_dirs):
             shutil.rmtree(tmp, ignore_errors=True)
-        if self.stop_reason == "SIGTERM":
+        if self.stopping.kind is Stop.SIGTERM:
             log.warning("daemon received SIGTERM; current save aborted")
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
@@ -292,14 +292,14 @@ class Daemon(Persisting):
         return 0
 
     def on_sigterm(self, signum: int, frame: Any) -> None:
-        self._halt("SIGTERM")
+        self._halt("SIGTERM", Stop.SIGTERM)
 
     # ------------------------------------------------------------------ saves
     def _saver(self) -> None:
         while True:
             item = self.todo.get()
             if item is None:
-                self.stop_reason = self.stop_reason or "terminate"
+                self.stopping.enter(Stop.TERMINATE, "terminate")
                 self.stop.set()
                 return
             try:

@@ -27,7 +27,6 @@ __all__ = [
     "DaemonAgreement",
     "Group",
     "Rendezvous",
-    "broadcast_int",
     "from_rank0",
     "resolve_group",
 ]
@@ -171,8 +170,3 @@ def from_rank0(group: Group, obj: Any) -> Any:
     )
     return box[0]
 
-
-def broadcast_int(group: Group, value: int | None) -> int | None:
-    """Rank 0's ``value`` on every rank (blocking collective)."""
-    out: int | None = from_rank0(group, value)
-    return out

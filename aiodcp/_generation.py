@@ -11,11 +11,11 @@ Only its own death fails its handles, and it fails no others: a new generation
 never inherits an old one's callbacks, and a late reply or exit of an old one
 is recognised by its generation number and touches nothing else (*fencing*).
 
-States (the owner reads ``state``)::
+States (the owner reads ``state``; :data:`TRANSITIONS`, an illegal move raises)::
 
     state      entered when                       leaves to
     --------   --------------------------------   ------------------------------
-    starting   spawned                            serving (Ready) | exited
+    starting   spawned                            serving (Ready) | retiring | exited
     serving    Ready received                     retiring | exited
     retiring   fatal reply, Terminate sent, kill  exited
     exited     process reaped (the one end)       --
@@ -81,6 +81,12 @@ def describe_exit(returncode: int | None) -> str:
 
 
 State = Literal["starting", "serving", "retiring", "exited"]
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "starting": frozenset({"serving", "retiring", "exited"}),
+    "serving": frozenset({"retiring", "exited"}),
+    "retiring": frozenset({"exited"}),
+    "exited": frozenset(),
+}
 
 
 class Generation:
@@ -101,7 +107,7 @@ class Generation:
         self.sock = sock
         self.rank = rank
         self.conn = p.Connection(p.Role.PARENT)
-        self.state: State = "starting"
+        self._state: State = "starting"
         self.pending: dict[int, Any] = {}  # req_id -> SaveHandle sent to this daemon
         self.arenas: set[int] = set()  # arenas this daemon has mapped
         self.returncode: int | None = None
@@ -117,6 +123,19 @@ class Generation:
 
     def __repr__(self) -> str:
         return f"<Generation {self.number} pid {self.pid} {self.state}>"
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    def _move(self, state: State) -> None:
+        """Enter ``state`` (:data:`TRANSITIONS`; retiring again is a no-op); an illegal
+        move raises."""
+        if state == self._state == "retiring":
+            return
+        if state not in TRANSITIONS[self._state]:
+            raise RuntimeError(f"{self!r}: illegal move {self._state} -> {state}")
+        self._state = state
 
     @property
     def alive(self) -> bool:
@@ -209,7 +228,7 @@ class Generation:
                     self._signal(signal.SIGKILL)
                     with anyio.move_on_after(_REAP_AFTER_KILL):
                         self.returncode = await self.process.wait()
-                self.state = "exited"
+                self._move("exited")
                 self.exited.set()
                 self.sock.close()
                 if not self.stopping:
@@ -246,7 +265,7 @@ class Generation:
                         break
                     if isinstance(ev, p.Closed):
                         if self.state == "serving":
-                            self.state = "retiring"  # EOF: the process is on its way out
+                            self._move("retiring")  # EOF: the process is on its way out
                         return
                     assert isinstance(ev, p.Message)
                     self._handle(ev)
@@ -266,20 +285,20 @@ class Generation:
             return
         if isinstance(msg, p.Ready):
             if self.state == "starting":
-                self.state = "serving"
+                self._move("serving")
             self.ready.set()
         elif isinstance(msg, p.InitFailed):
             self.init_error = CheckpointError(
                 f"checkpoint daemon (pid {self.pid}) failed to initialise: "
                 f"{msg.error_type}: {msg.message}\n{msg.traceback}"
             )
-            self.state = "retiring"
+            self._move("retiring")
             self.ready.set()
         elif isinstance(msg, p.Log):
             _daemon_log.log(msg.level, "[rank %d daemon %d] %s", self.rank, self.pid, msg.message)
         else:
             if isinstance(msg, p.SaveFailed) and msg.fatal:
-                self.state = "retiring"  # it exits after this reply
+                self._move("retiring")  # it exits after this reply
             self._on_message(self, msg)
 
     async def _flush_loop(self) -> None:
@@ -352,7 +371,7 @@ class Generation:
         with anyio.CancelScope(shield=True):
             self.stopping = True
             if self.state != "exited":
-                self.state = "retiring"
+                self._move("retiring")
             self._signal(signal.SIGKILL)
             with anyio.move_on_after(_REAP_AFTER_KILL):
                 await self.process.wait()
@@ -364,7 +383,7 @@ class Generation:
             self.stopping = True
             if self.process.returncode is None and self.state != "exited":
                 if self.state == "serving":
-                    self.state = "retiring"
+                    self._move("retiring")
                     try:
                         self.send(p.Terminate())
                     except ProtocolError:

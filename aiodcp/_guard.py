@@ -60,9 +60,7 @@ class Guard:
             if isinstance(obj, torch.optim.Optimizer):
                 self._hooks.append(obj.register_step_pre_hook(self._before_step))
             else:
-                self._hooks.append(
-                    obj.register_load_state_dict_pre_hook(self._before_step)
-                )
+                self._hooks.append(obj.register_load_state_dict_pre_hook(self._before_step))
                 self._hooks.append(obj.register_forward_pre_hook(self._before_forward))
                 self._modules.append(obj)
 

@@ -19,6 +19,7 @@ from . import _protocol as p
 from ._errors import (
     CheckpointCancelledError,
     CheckpointError,
+    CheckpointExistsError,
     SaveFailedError,
     WorkerDiedError,
 )
@@ -111,6 +112,8 @@ class Outcomes(Parts):
         if handle._gen is not None:
             handle._gen.pending.pop(handle._req_id, None)
         self._reserved.discard(handle.step)
+        if isinstance(error, CheckpointExistsError):  # taken on disk meanwhile: skip it
+            self._high_step = max(self._high_step, handle.step)
         first = handle._finish(result, error)
         self._settle(handle)
         if first and error is not None:
@@ -136,7 +139,8 @@ class Outcomes(Parts):
         """
         handles = list(gen.pending.values())
         fresh = [h.step for h in handles if not h._overwrite]  # an overwrite's step existed
-        committed = await anyio.to_thread.run_sync(self._after_death, fresh)
+        committed, taken = await anyio.to_thread.run_sync(self._after_death, fresh)
+        self._high_step = max(self._high_step, taken)  # on the loop, never in the thread
         for handle in handles:
             if handle.step in committed:
                 log.warning(
@@ -147,16 +151,16 @@ class Outcomes(Parts):
                 self._finish(handle, None, self._died_error(gen, handle.step))
                 self._unobserved.append(handle)
 
-    def _after_death(self, steps: list[int]) -> set[int]:
-        """Worker thread: which of ``steps`` are committed; repair derived state."""
+    def _after_death(self, steps: list[int]) -> tuple[set[int], int]:
+        """Worker thread: which of ``steps`` are committed, the highest step taken on
+        disk; repair derived state."""
         committed = {s for s in steps if self.store.is_committed(s)}
         if self.rank == 0:
             try:
                 self.store.reconcile()
             except OSError as exc:
                 log.warning("could not repair latest/.commits in %s: %s", self.root, exc)
-        self._high_step = max(self._high_step, latest_on_disk(self.store, self.rank))
-        return committed
+        return committed, latest_on_disk(self.store, self.rank)
 
     def _died_error(self, gen: Generation, step: int | None) -> WorkerDiedError:
         where = f" while saving step {step}" if step is not None else ""
@@ -179,5 +183,5 @@ class Outcomes(Parts):
 
 
 def latest_on_disk(store: Store, rank: int) -> int:
-    latest = store.latest()
-    return -1 if latest is None else latest
+    """The highest step taken on disk, committed or not: ``step=None`` picks a higher one."""
+    return store.highest_taken_step()

@@ -45,6 +45,7 @@ class Parts:
     _reserved: set[int]
     _host_done: anyio.Event | None
     _body_scope: anyio.CancelScope | None
+    _receivers: list[Any]
     preempted: int | None
 
     if TYPE_CHECKING:  # provided by the other parts of AsyncCheckpointer

@@ -9,6 +9,7 @@ on any rank ends the save on all of them alike.
 
 from __future__ import annotations
 
+import enum
 import gc
 import io
 import logging
@@ -18,7 +19,6 @@ import shutil
 import threading
 import time
 import traceback
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,28 +26,20 @@ from typing import Any
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from . import _protocol as p
+from . import _storage
 from ._arena import MappedArena
+from ._dcp_errors import DaemonExiting, PeerFailed, SaveCancelled, is_cancellation
+from ._dcp_errors import save as dcp_save
 from ._protocol import DaemonConfig as Config
 from ._staging import MeshSpec, PickledLeaf, rebuild
 from ._store import Store
 
-__all__ = ["DaemonExiting", "PeerFailed", "Persisting", "Request", "SaveCancelled"]
+__all__ = ["Persisting", "Request", "Stop", "Stopping"]
 
 log = logging.getLogger("aiodcp.daemon")
 
 # Seconds to sleep before each write item; lets tests kill or cancel mid-persist.
 _SLOW_WRITE = float(os.environ.get("AIODCP_TEST_SLOW_WRITE", "0") or 0)
-
-
-class SaveCancelled(Exception):
-    """Raised inside DCP's write path when a save is cancelled."""
-
-
-class DaemonExiting(SaveCancelled):
-    """Raised inside DCP's write path when this daemon is going away (SIGTERM, no parent).
-
-    Its peers must not mistake it for a cancellation: for them it is a failure.
-    """
 
 
 @dataclass
@@ -62,8 +54,37 @@ class Request:
 _OK, _CANCEL, _DYING = "ok", "cancel", "dying"
 
 
-class PeerFailed(Exception):
-    """Another rank's daemon is exiting (or failed) in the middle of this save."""
+class Stop(enum.Enum):
+    """Why the daemon stops: TERMINATE (the parent asked: finish, then exit), SIGTERM,
+    HALT (the parent is gone or unusable, or the group is no longer trusted)."""
+
+    RUNNING = "running"
+    TERMINATE = "terminate"
+    SIGTERM = "SIGTERM"
+    HALT = "halt"
+
+
+class Stopping:
+    """The daemon's stop state. It moves once, out of RUNNING; the first reason wins
+    (a later one is ignored, never an error: a SIGTERM during a graceful exit is still
+    a graceful exit)."""
+
+    def __init__(self) -> None:
+        self.kind = Stop.RUNNING
+        self.reason = ""
+
+    def enter(self, kind: Stop, reason: str) -> bool:
+        if kind is Stop.RUNNING:
+            raise RuntimeError("a daemon never goes back to running")
+        if self.kind is not Stop.RUNNING:
+            return False
+        self.kind, self.reason = kind, reason
+        return True
+
+    @property
+    def dying(self) -> bool:
+        """Stopping for a reason that aborts saves (not a graceful Terminate)."""
+        return self.kind in (Stop.SIGTERM, Stop.HALT)
 
 
 class Persisting:
@@ -77,7 +98,7 @@ class Persisting:
     doomed: set[int]
     requests: dict[int, Request]
     tmp_dirs: set[Path]
-    stop_reason: str
+    stopping: Stopping
     first_save: bool
 
     def send(self, msg: p.Message) -> bool:
@@ -86,7 +107,7 @@ class Persisting:
     def mesh(self, spec: MeshSpec) -> Any:
         raise NotImplementedError
 
-    def _halt(self, reason: str) -> None:
+    def _halt(self, reason: str, kind: Stop = ...) -> None:
         raise NotImplementedError
 
     def _agree(self, obj: Any) -> list[Any]:
@@ -102,7 +123,7 @@ class Persisting:
         return out
 
     def _vote(self, req: Request) -> str:
-        if self.stop_reason and self.stop_reason != "terminate":
+        if self.stopping.dying:
             return _DYING
         return _CANCEL if req.cancel.is_set() else _OK
 
@@ -122,7 +143,7 @@ class Persisting:
         tmp: Path | None = None
         began = False
         try:
-            token = uuid.uuid4().hex[:12]
+            token = _storage.new_token()
             votes = self._agree((msg.step, self._vote(req), token))
             steps = {v[0] for v in votes}
             if len(steps) != 1:
@@ -131,9 +152,7 @@ class Persisting:
             tmp = self.store.tmp_dir(msg.step, votes[0][2])
             self.tmp_dirs.add(tmp)
             if not msg.overwrite and self.store.exists(msg.step):
-                from ._errors import CheckpointExistsError
-
-                raise CheckpointExistsError(f"step {msg.step} already exists in {self.store}")
+                raise self.store.exists_error(msg.step)
             if self.cfg.rank == 0:
                 began = True
                 self.store.begin(msg.step)  # an object store's intent (a no-op locally)
@@ -158,8 +177,8 @@ class Persisting:
                     self.store.abandon(msg.step)  # an object store: what was uploaded
                 except Exception as cleanup:
                     log.warning("could not clean up step %d: %s", msg.step, cleanup)
-            cancelled = _classify(exc, self.cfg.rank) == "cancel"
-            if self.stop_reason and self.stop_reason != "terminate":
+            cancelled = is_cancellation(exc)
+            if self.stopping.dying:
                 return  # dying (SIGTERM, parent gone): the parent reports our death
             # With several ranks, a failure (unlike a cancellation, which the ranks
             # agree on by vote) may have left the daemons' group mid-collective or
@@ -218,7 +237,7 @@ class Persisting:
             sync_files=self.cfg.sync_files,
             direct_io=self.cfg.direct_io,
         )
-        _writer.save(state, writer=writer, planner=planner, rank=self.cfg.rank, pg=self.pg)
+        dcp_save(state, writer=writer, planner=planner, rank=self.cfg.rank, pg=self.pg)
         planner.report(final=True)
         return total
 
@@ -244,8 +263,8 @@ class Persisting:
         """An object store: every rank uploads its own files; all learn every failure."""
 
         def should_stop() -> None:
-            if self.stop_reason and self.stop_reason != "terminate":
-                raise DaemonExiting(self.stop_reason)
+            if self.stopping.dying:
+                raise DaemonExiting(self.stopping.reason)
 
         err: str | None = None
         try:
@@ -282,27 +301,6 @@ class Persisting:
         self.first_save = False
 
 
-def _classify(exc: BaseException, rank: int) -> str:
-    """``"cancel"`` (a cancellation the ranks share), ``"peer"`` (another rank's daemon
-    went away), ``"exiting"`` (this one is) or ``"error"``."""
-    if isinstance(exc, DaemonExiting):
-        return "exiting"
-    if isinstance(exc, SaveCancelled):
-        return "cancel"
-    if isinstance(exc, PeerFailed):
-        return "peer"
-    failures = getattr(exc, "failures", None)  # DCP's CheckpointException: rank -> error
-    if isinstance(failures, dict):
-        inner = {r: (f[0] if isinstance(f, tuple) else f) for r, f in failures.items()}
-        if isinstance(inner.get(rank), DaemonExiting):
-            return "exiting"
-        if any(isinstance(e, DaemonExiting) for e in inner.values()):
-            return "peer"
-        if any(isinstance(e, SaveCancelled) for e in inner.values()):
-            return "cancel"
-    return "error"
-
-
 class _Planner(DefaultSavePlanner):
     """DCP's default planner, plus: cancellation at each write item, progress,
     and values the parent already serialised written as they are."""
@@ -321,7 +319,7 @@ class _Planner(DefaultSavePlanner):
         if _SLOW_WRITE:  # fault-injection hook for tests: widen the persist window
             time.sleep(_SLOW_WRITE)
         if self._req.cancel.is_set():
-            if self._daemon.stop_reason and self._daemon.stop_reason != "terminate":
+            if self._daemon.stopping.dying:
                 raise DaemonExiting(self._req.reason)
             raise SaveCancelled(self._req.reason)
         obj = self.lookup_object(write_item.index)

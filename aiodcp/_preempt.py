@@ -49,23 +49,28 @@ class Preemption(Parts):
             raise RuntimeError("handle_signals() needs `async with AsyncCheckpointer(...)`")
         if not signals:
             raise ValueError("name at least one signal, e.g. signal.SIGTERM")
-        receiver = anyio.open_signal_receiver(*(signal.Signals(s) for s in signals))
-        received = receiver.__enter__()  # installed now, not when a task first runs
-        self._spawn(self._preemption, receiver, received, grace, final_save, name="preemption")
+        receiver = _Receiver(tuple(signal.Signals(s) for s in signals))  # installed now
+        self._receivers.append(receiver)
+        self._spawn(self._preemption, receiver, grace, final_save, name="preemption")
+
+    def _restore_signals(self) -> None:
+        """Give the program its own handlers back (at close, on the loop's thread):
+        whether or not the preemption task ever ran, the last installed first."""
+        while self._receivers:
+            self._receivers.pop().close()
 
     async def _preemption(
         self,
-        receiver: Any,
-        received: AsyncIterator[int],
+        receiver: _Receiver,
         grace: float,
         final_save: Callable[[], Any] | None,
     ) -> None:
         signum = 0
         try:
-            async for signum in received:  # noqa: B007  (the first one is enough)
+            async for signum in receiver.received:  # noqa: B007  (the first one is enough)
                 break
         finally:
-            receiver.__exit__(None, None, None)
+            receiver.close()
         log.warning("received signal %d: committing in-flight saves (grace %.0fs)", signum, grace)
         self.preempted = int(signum)
         with anyio.move_on_after(grace) as scope:
@@ -86,3 +91,29 @@ class Preemption(Parts):
             log.error("grace period of %.0fs ran out; cancelling in-flight saves", grace)
         if self._body_scope is not None:
             self._body_scope.cancel()
+
+
+class _Receiver:
+    """anyio's signal receiver, and the handlers it replaced (restored by :meth:`close`).
+
+    On asyncio and uvloop, leaving the receiver sets ``SIG_DFL``, not the handler that
+    was there before: a later SIGTERM would kill a program whose own handler it was.
+    """
+
+    def __init__(self, signals: tuple[signal.Signals, ...]) -> None:
+        self._previous = {s: signal.getsignal(s) for s in signals}
+        self._cm = anyio.open_signal_receiver(*signals)
+        self.received: AsyncIterator[int] = self._cm.__enter__()
+        self._open = True
+
+    def close(self) -> None:
+        """Idempotent; on the thread that installed it (the event loop's, the main one)."""
+        if not self._open:
+            return
+        self._open = False
+        try:
+            self._cm.__exit__(None, None, None)
+        finally:
+            for sig, handler in self._previous.items():
+                if handler is not None:  # None: not installed from Python, nothing to restore
+                    signal.signal(sig, handler)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ._errors import CheckpointError, CheckpointNotFoundError
 from ._manifest import METADATA
-from ._storage import HOLDS_DIR, LOCK, TRASH_PREFIX, fsync_dir, is_managed, list_steps, step_dir
+from ._storage import HOLDS_DIR, LOCK, fsync_dir, is_managed, list_steps, step_dir, trash_dir
 
 __all__ = ["apply_retention", "hold_step", "release_hold", "retention_victims"]
 
@@ -110,7 +110,7 @@ def apply_retention(root: Path, keep_last: int | None, keep_every: int | None) -
         for step in victims:
             if _is_held(holds, step):
                 continue
-            trash = root / f"{TRASH_PREFIX}step_{step}-{uuid.uuid4().hex}"
+            trash = trash_dir(root, step)
             os.rename(step_dir(root, step), trash)
             doomed.append((step, trash))
     if doomed:

@@ -125,9 +125,11 @@ class Saving(Parts):
         try:
             try:
                 fd, nbytes = await copying.result()
-            except BaseException as exc:  # the copy's own error (the wait is shielded)
+            except BaseException as exc:
                 handle._copying = None
                 self._finish_unsent(handle, _as_error(exc, handle.step))
+                if exc is not copying.error:  # not the copy's error: we are cancelled
+                    raise  # (natively: the loop is ending; the shield stops anyio's)
                 return
         finally:
             self._settle(handle)  # a handle already done lets go of its slot now
@@ -187,7 +189,7 @@ class Saving(Parts):
         """Copy thread: flatten, fit the slot's arena, copy, write the skeleton memfd."""
         step = handle.step
         if not overwrite and self.store.exists(step, quick=True):
-            raise CheckpointExistsError(f"step {step} already exists in {self.root}")
+            raise self.store.exists_error(step)
         # No GC pass (a full collection can hold the GIL for 100s of ms), and short
         # GIL switch intervals, while this thread runs Python code per tensor. Both
         # are this thread's to restore, whatever happens to the caller.
@@ -336,9 +338,7 @@ def taken_now(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
     """``state_dict`` with its top-level ``Stateful`` values replaced by their
     ``state_dict()``, called now: the Python values in them (a learning rate, a step
     count) are the call's, whatever changes before an overlapped copy runs."""
-    if not isinstance(state_dict, Mapping) or not any(
-        _is_stateful(v) for v in state_dict.values()
-    ):
+    if not isinstance(state_dict, Mapping) or not any(_is_stateful(v) for v in state_dict.values()):
         return state_dict
     return {k: (v.state_dict() if _is_stateful(v) else v) for k, v in state_dict.items()}
 

@@ -143,6 +143,11 @@ class CopyThread:
             finally:
                 self.stopped.set()
 
+    @property
+    def error(self) -> BaseException | None:
+        """What the copy raised (None while it runs, or when it succeeded)."""
+        return self._error
+
     def join(self) -> tuple[int, int] | None:
         """Block until the copy thread ends; its value, or None if it failed."""
         self._thread.join()

@@ -208,8 +208,13 @@ def flatten(state_dict: Mapping[str, Any]) -> Flat:
         if isinstance(value, torch.Tensor):
             return tensor(value)
         if isinstance(value, Mapping):
-            out = _Items() if len(value) > _CHUNK and type(value) is dict else {}
+            # Sent as a plain dict whatever its class (an OrderedDict, a dict subclass
+            # defined in the training script that the daemon could not import): DCP's
+            # own traversal sees only its items, and keys only as str(key).
+            out = _Items() if len(value) > _CHUNK else {}
             for k, v in value.items():
+                if type(k) is not str and type(k) is not int:
+                    k = str(k)  # DCP's path holds str(key) anyway
                 if type(v) in _PLAIN and v.layout is strided and not v.is_quantized:
                     tensors.append(v)  # the common case, inline: a dict of tensors
                     dtypes.append(v.dtype)
@@ -220,7 +225,7 @@ def flatten(state_dict: Mapping[str, Any]) -> Flat:
                 keys.append(k)
                 out[k] = walk(v)
                 keys.pop()
-            return out if type(value) is dict else _rebuild_container(value, out)
+            return out
         if isinstance(value, list) and not _dcp_terminal(value):
             items = _List() if len(value) > _CHUNK else []
             for i, v in enumerate(value):
@@ -332,13 +337,6 @@ def _dcp_terminal(value: Any) -> bool:
         if isinstance(entry, torch.Tensor):
             return False
     return True
-
-
-def _rebuild_container(original: Mapping[str, Any], items: dict[str, Any]) -> Any:
-    try:
-        return type(original)(items)  # type: ignore[call-arg]
-    except Exception:
-        return items
 
 
 def _dtensor_class() -> type | None:

@@ -12,8 +12,12 @@
                            loadable, never deleted by retention
       latest               "200": the newest committed step (atomically replaced)
       .commits             one line per commit, appended after it: what watchers follow
-      .tmp-step_300-<id>/  a save in progress (never listed, removed at next start)
-      .trash-...           a step being deleted by retention or overwrite
+      .tmp-step_300-<32 hex>/    a save in progress (never listed, removed at next start)
+      .trash-step_100-<32 hex>/  a step being deleted by retention or overwrite
+      .latest.<32 hex>     ``latest`` being replaced
+      step_400/            no ``.metadata``: not a checkpoint (an interrupted plain
+                           ``dcp.save``): never listed, loaded or deleted, but its
+                           step is taken (``save(step=None)`` picks a higher one)
       .holds/              leases of readers (``aiodcp.hold``)
       .lock                held by the writer (rank 0) of a live checkpointer
 
@@ -54,6 +58,12 @@ from ._manifest import (
 
 __all__ = [
     "check_step",
+    "exists_error",
+    "highest_taken_step",
+    "incomplete_steps",
+    "is_leftover",
+    "leftovers",
+    "new_token",
     "append_commit",
     "read_commits",
     "abspath",
@@ -80,6 +90,11 @@ _STEP_LINE = re.compile(rb"^(0|[1-9][0-9]{0,17})$")
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 LATEST = "latest"
+# Exactly the names aiodcp makes for its own temporaries in ``root`` (a fresh
+# ``new_token()`` each): nothing else there is ever removed, whatever its prefix.
+LEFTOVER_RE = re.compile(
+    r"^(?:\.tmp-step_\d+-[0-9a-f]{32}|\.trash-step_\d+-[0-9a-f]{32}|\.latest\.[0-9a-f]{32})$"
+)
 COMMITS = ".commits"
 HOLDS_DIR = ".holds"
 LOCK = ".lock"
@@ -107,8 +122,22 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step}"
 
 
+def new_token() -> str:
+    """The unique part of a temporary name in ``root`` (32 hex digits, see LEFTOVER_RE)."""
+    return uuid.uuid4().hex
+
+
 def tmp_dir(root: Path, step: int, token: str) -> Path:
     return root / f"{TMP_PREFIX}step_{step}-{token}"
+
+
+def trash_dir(root: Path, step: int) -> Path:
+    return root / f"{TRASH_PREFIX}step_{step}-{new_token()}"
+
+
+def is_leftover(name: str) -> bool:
+    """Whether ``name`` (an entry of ``root``) is one of aiodcp's own temporaries."""
+    return LEFTOVER_RE.match(name) is not None
 
 
 def list_steps(root: Path) -> list[int]:
@@ -125,6 +154,46 @@ def list_steps(root: Path) -> list[int]:
         if m and os.path.isfile(os.path.join(root, name, METADATA)):
             steps.append(int(m.group(1)))
     return sorted(steps)
+
+
+def highest_taken_step(root: Path) -> int:
+    """The highest N such that ``step_N`` exists in ``root``, committed or not (-1: none).
+
+    ``save(step=None)`` picks a step above it: a ``step_N`` without ``.metadata``
+    (a crashed plain ``dcp.save``) is not a checkpoint, but its name is taken.
+    """
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return -1
+    except NotADirectoryError:
+        raise CheckpointError(f"checkpoint root {root} is not a directory") from None
+    return max((int(m.group(1)) for n in names if (m := STEP_RE.match(n))), default=-1)
+
+
+def incomplete_steps(root: Path) -> list[int]:
+    """Steps whose ``step_N`` exists but is not a committed checkpoint (no ``.metadata``)."""
+    try:
+        names = os.listdir(root)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(
+        int(m.group(1))
+        for n in names
+        if (m := STEP_RE.match(n)) and not os.path.isfile(os.path.join(root, n, METADATA))
+    )
+
+
+def exists_error(root: Path, step: int) -> CheckpointExistsError:
+    """The error for saving ``step`` (without ``overwrite``) where ``step_<step>`` exists."""
+    if is_committed(root, step):
+        return CheckpointExistsError(f"step {step} already exists in {root}")
+    return CheckpointExistsError(
+        f"{step_dir(root, step)} exists but is not a committed checkpoint (it has no "
+        f"{METADATA}: an interrupted save by another program?); aiodcp never deletes it. "
+        "Remove or move it, save another step (step=None picks a free one), or pass "
+        "overwrite=True to replace it"
+    )
 
 
 def read_latest(root: Path) -> int | None:
@@ -190,7 +259,7 @@ def _renameat2(src: Path, dst: Path, flags: int) -> bool:
 
 
 def write_latest(root: Path, step: int) -> None:
-    tmp = root / f".{LATEST}.{uuid.uuid4().hex}"
+    tmp = root / f".{LATEST}.{new_token()}"
     with open(tmp, "w") as f:
         f.write(f"{step}\n")
         f.flush()
@@ -226,11 +295,11 @@ def commit(root: Path, tmp: Path, step: int, *, overwrite: bool) -> Path:
     _fault_point("before_rename")
     if final.exists():
         if not overwrite:
-            raise CheckpointExistsError(f"step {step} already exists in {root}")
+            raise exists_error(root, step)
         if _renameat2(tmp, final, _RENAME_EXCHANGE):
             shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old step
         else:  # pragma: no cover - kernels without RENAME_EXCHANGE
-            trash = root / f"{TRASH_PREFIX}step_{step}-{uuid.uuid4().hex}"
+            trash = trash_dir(root, step)
             os.rename(final, trash)
             os.rename(tmp, final)
             shutil.rmtree(trash, ignore_errors=True)
@@ -239,7 +308,7 @@ def commit(root: Path, tmp: Path, step: int, *, overwrite: bool) -> Path:
             if not _renameat2(tmp, final, _RENAME_NOREPLACE):  # pragma: no cover
                 os.rename(tmp, final)
         except FileExistsError:
-            raise CheckpointExistsError(f"step {step} already exists in {root}") from None
+            raise exists_error(root, step) from None
     fsync_dir(root)
     _fault_point("after_rename")
     latest = read_latest(root)
@@ -335,23 +404,27 @@ def read_commits(root: Path, offset: int) -> tuple[list[int], int] | None:
     return steps, offset + end
 
 
-def cleanup_leftovers(root: Path) -> list[Path]:
-    """Remove temporary and trash directories of interrupted saves. Committed steps stay."""
-    removed = []
+def leftovers(root: Path) -> list[Path]:
+    """aiodcp's own temporaries in ``root`` (exactly its names: see :data:`LEFTOVER_RE`).
+
+    Another program's ``.tmp-data/`` or ``.latest.json`` is not one of them.
+    """
     try:
-        entries = list(os.scandir(root))
+        names = os.listdir(root)
     except FileNotFoundError:
         return []
-    for entry in entries:
-        if entry.name.startswith((TMP_PREFIX, TRASH_PREFIX)) or (
-            entry.name.startswith(f".{LATEST}.") and entry.is_file()
-        ):
-            path = Path(entry.path)
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-            removed.append(path)
+    return [root / name for name in sorted(names) if is_leftover(name)]
+
+
+def cleanup_leftovers(root: Path) -> list[Path]:
+    """Remove aiodcp's temporaries of interrupted saves; nothing else in ``root``."""
+    removed = []
+    for path in leftovers(root):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
     return removed
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _retention, _storage
+from ._errors import CheckpointExistsError
 
 __all__ = ["LocalStore", "Store"]
 
@@ -55,6 +56,15 @@ class Store:
 
     def step_path(self, step: int) -> Any:
         raise NotImplementedError
+
+    def exists_error(self, step: int) -> CheckpointExistsError:
+        return CheckpointExistsError(f"step {step} already exists in {self}")
+
+    def highest_taken_step(self) -> int:
+        """The highest step whose name is taken, committed or not (-1: none):
+        ``save(step=None)`` picks a higher one."""
+        latest = self.latest()
+        return -1 if latest is None else latest
 
     # ---------------------------------------------------------------- writing
     def open_writer(self, rank: int) -> None:
@@ -131,6 +141,12 @@ class LocalStore(Store):
 
     def step_path(self, step: int) -> Path:
         return _storage.step_dir(self.root, step)
+
+    def exists_error(self, step: int) -> CheckpointExistsError:
+        return _storage.exists_error(self.root, step)
+
+    def highest_taken_step(self) -> int:
+        return _storage.highest_taken_step(self.root)
 
     def cleanup_leftovers(self) -> list[Any]:
         return _storage.cleanup_leftovers(self.root)

@@ -277,6 +277,20 @@ class S3Store(Store):
         )
         return bool(resp.get("KeyCount", 0))
 
+    def highest_taken_step(self) -> int:
+        """The highest committed step or step prefix with objects (``step=None`` goes above)."""
+        taken = self.list_steps()
+        kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix, "Delimiter": "/"}
+        while True:
+            resp = self._call(self.client.list_objects_v2, **kw)
+            for common in resp.get("CommonPrefixes", []):
+                m = _STEP_KEY_RE.match(common["Prefix"][len(self.prefix) :])
+                if m:
+                    taken.append(int(m.group(1)))
+            if not resp.get("IsTruncated"):
+                return max(taken, default=-1)
+            kw["ContinuationToken"] = resp.get("NextContinuationToken")
+
     def step_path(self, step: int) -> str:
         return self.url(self._step_prefix(step).rstrip("/"))
 

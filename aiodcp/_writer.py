@@ -46,7 +46,7 @@ from torch.futures import Future
 
 from . import _direct, _manifest, _records
 
-__all__ = ["FileDigest", "VerifiedWriter", "save"]
+__all__ = ["FileDigest", "VerifiedWriter"]
 
 
 @dataclass(frozen=True)
@@ -230,46 +230,3 @@ class VerifiedWriter(FileSystemWriter):
         path = Path(self.path)
         digests[_manifest.METADATA] = _manifest.file_digest(path / _manifest.METADATA)
         _manifest.write_manifest(path, self.step, digests)
-
-
-def save(state: dict[str, Any], *, writer: VerifiedWriter, planner: Any, rank: int, pg: Any) -> Any:
-    """DCP's ``save`` with ``writer``; a failure raises the exception that caused it.
-
-    DCP wraps a rank's failure in ``CheckpointException`` (a ``BaseException``
-    whose message is a multi-line traceback). The first failure is re-raised
-    as itself when it is this rank's own and the only one (so a cancellation
-    stays a cancellation, an ``OSError`` an ``OSError``); otherwise as a
-    ``RuntimeError`` naming the rank. A cancellation on any rank wins.
-    """
-    from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
-
-    try:
-        return dcp_save(
-            state, storage_writer=writer, planner=planner, process_group=pg, no_dist=pg is None
-        )
-    except CheckpointException as wrapped:
-        raise unwrap(wrapped, rank) from None
-
-
-def unwrap(wrapped: Any, rank: int) -> BaseException:
-    """The exception inside DCP's ``CheckpointException`` (see :func:`save`)."""
-    failures: dict[int, Any] = dict(getattr(wrapped, "failures", {}) or {})
-    inner = {r: (f[0] if isinstance(f, tuple) else f) for r, f in sorted(failures.items())}
-    from ._persist import DaemonExiting, PeerFailed, SaveCancelled
-
-    own = inner.get(rank)
-    if isinstance(own, DaemonExiting):
-        return own  # this daemon is going away
-    for r, exc in inner.items():
-        if isinstance(exc, DaemonExiting):  # a peer going away is a failure, not a cancel
-            return PeerFailed(f"the checkpoint daemon of rank {r} is exiting mid-save ({exc})")
-    for exc in inner.values():
-        if isinstance(exc, SaveCancelled):
-            return exc
-    if not inner:
-        return RuntimeError(str(wrapped).splitlines()[0] if str(wrapped) else repr(wrapped))
-    first_rank, first = next(iter(inner.items()))
-    if first_rank == rank and len(inner) == 1 and isinstance(first, BaseException):
-        return first
-    return RuntimeError("; ".join(f"rank {r}: {type(e).__name__}: {e}" for r, e in inner.items()))

@@ -52,10 +52,13 @@ def test_multirank_example_under_torchrun(tmp_path: Path) -> None:
     assert "rank 0 reloaded step 2; committed: [1, 2]" in r.stdout
 
 
+LEFTOVER = ".tmp-step_99-" + "dead" * 8  # exactly a name aiodcp makes
+
+
 def test_cli_ls_and_gc(tmp_path: Path) -> None:
     example = str(REPO / "examples" / "async_training_loop.py")
     assert _run(example, "--root", "ck", "--steps", "21", cwd=tmp_path).returncode == 0
-    (tmp_path / "ck" / ".tmp-step_99-dead").mkdir()
+    (tmp_path / "ck" / LEFTOVER).mkdir()
     ls = _run("-m", "aiodcp", "ls", "ck", "--json", cwd=tmp_path)
     assert ls.returncode == 0, ls.stderr
     rows = json.loads(ls.stdout)
@@ -64,9 +67,9 @@ def test_cli_ls_and_gc(tmp_path: Path) -> None:
     assert sum(not r["committed"] for r in rows) == 1
     dry = _run("-m", "aiodcp", "gc", "ck", "--dry-run", cwd=tmp_path)
     assert dry.returncode == 0 and "would remove" in dry.stdout
-    assert (tmp_path / "ck" / ".tmp-step_99-dead").exists()
+    assert (tmp_path / "ck" / LEFTOVER).exists()
     assert _run("-m", "aiodcp", "gc", "ck", cwd=tmp_path).returncode == 0
-    assert not (tmp_path / "ck" / ".tmp-step_99-dead").exists()
+    assert not (tmp_path / "ck" / LEFTOVER).exists()
     assert _run("-m", "aiodcp", "ls", "missing", cwd=tmp_path).returncode == 1
     inspect = _run("-m", "aiodcp", "inspect", "ck", "--json", cwd=tmp_path)
     assert inspect.returncode == 0, inspect.stderr

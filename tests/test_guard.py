@@ -85,7 +85,7 @@ async def test_a_guarded_model_with_batchnorm_commits_one_steps_state(
 async def test_a_guarded_forward_waits_only_for_the_buffers(root: Path) -> None:
     """Buffers are copied first: a guarded forward right after save() waits for them and
     not for the whole copy (the parameters are still being copied when it returns)."""
-    model, opt, _ = bn_model()
+    model, _, _ = bn_model()
     big = {"params": [torch.randn(1 << 20) for _ in range(16)]}
     done_at: list[float] = []
     real = _arena.Arena.stage

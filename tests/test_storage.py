@@ -23,7 +23,7 @@ from aiodcp import _storage as s
 
 
 def _write_tmp(root: Path, step: int, value: float = 1.0) -> Path:
-    tmp = s.tmp_dir(root, step, "tok")
+    tmp = s.tmp_dir(root, step, s.new_token())
     dcp.save({"x": torch.full((4,), value)}, checkpoint_id=tmp, no_dist=True)
     return tmp
 
@@ -75,7 +75,7 @@ def test_commit_refuses_a_directory_without_metadata(tmp_path: Path) -> None:
 def test_cleanup_removes_leftovers_and_keeps_committed(tmp_path: Path) -> None:
     s.commit(tmp_path, _write_tmp(tmp_path, 1), 1, overwrite=False)
     _write_tmp(tmp_path, 2)
-    (tmp_path / ".trash-step_0-abc").mkdir()
+    (tmp_path / f".trash-step_0-{s.new_token()}").mkdir()
     removed = s.cleanup_leftovers(tmp_path)
     assert len(removed) == 2
     assert s.list_steps(tmp_path) == [1]
@@ -171,7 +171,7 @@ from pathlib import Path
 from aiodcp import _storage as s
 root, point = Path(sys.argv[1]), sys.argv[2]
 for step in (0, 1):
-    tmp = s.tmp_dir(root, step, "t")
+    tmp = s.tmp_dir(root, step, s.new_token())
     dcp.save({"x": torch.full((4,), float(step))}, checkpoint_id=tmp, no_dist=True)
     if step == 1:
         os.environ["AIODCP_TEST_KILL_AT"] = point

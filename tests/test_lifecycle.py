@@ -1,0 +1,118 @@
+"""A checkpointer's life as users live it: one loop, one opening, a notebook's loop that ends
+without aclose(), options that cannot hold with several ranks."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import aiodcp
+from aiodcp import _checkpointer
+from aiodcp._dist import Group
+
+from .conftest import run_script
+
+ABANDON = """
+import asyncio, logging, sys, torch, aiodcp
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+async def main():
+    ckpt = await aiodcp.AsyncCheckpointer(sys.argv[1]).start()
+    await ckpt.save({"w": torch.full((1 << 16,), 3.0)}, step=1, overlap=True)
+asyncio.run(main())  # ends without `await ckpt.aclose()`
+print("exited")
+"""
+
+
+def test_a_loop_that_ends_without_aclose_says_which_steps_were_lost(tmp_path: Path) -> None:
+    """A notebook-style checkpointer (start()) whose loop ends with a save in flight and no
+    aclose(): the script still exits, and an error names the step that was not committed
+    (it used to be lost with only a "killed by SIGKILL" line)."""
+    proc = run_script(ABANDON, str(tmp_path / "ck"), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "exited" in proc.stdout
+    assert "never closed" in proc.stderr and "steps [1] in flight were NOT committed" in (
+        proc.stderr
+    ), proc.stderr[-3000:]
+
+
+@pytest.mark.asyncio
+async def test_a_checkpointer_refuses_calls_from_another_thread(root: Path) -> None:
+    """A save from a second event loop in another thread is refused with a clear error (it
+    used to be accepted, touching the first loop's state from a foreign thread)."""
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:
+        errors: list[BaseException] = []
+
+        def other_loop() -> None:
+            try:
+                asyncio.run(ckpt.save({"w": torch.zeros(4)}, step=0))
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=other_loop)
+        thread.start()
+        thread.join(30)
+        assert errors and isinstance(errors[0], RuntimeError)
+        assert "bound to the event loop" in str(errors[0])
+        assert await ckpt.steps() == []
+
+
+def test_reusing_a_checkpointer_across_two_asyncio_runs_says_what_to_do(root: Path) -> None:
+    """Opening a checkpointer a second time (e.g. in a second asyncio.run) says to create a
+    new one, instead of anyio's 'This task group is not active'."""
+    ckpt = aiodcp.AsyncCheckpointer(root)
+
+    async def use() -> None:
+        async with ckpt:
+            pass
+
+    asyncio.run(use())
+    with pytest.raises(RuntimeError, match=r"create a new AsyncCheckpointer"):
+        asyncio.run(use())
+
+
+@pytest.mark.asyncio
+async def test_when_busy_skip_is_refused_with_several_ranks(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """when_busy="skip" would be decided by each rank alone (one rank could skip a save
+    its peers make): with several ranks it is refused at open, before any daemon starts."""
+    monkeypatch.setattr(_checkpointer, "resolve_group", lambda pg: Group(object(), 0, 2))
+    with pytest.raises(ValueError, match="not supported with several ranks"):
+        async with aiodcp.AsyncCheckpointer(root, when_busy="skip"):
+            pass
+
+
+def test_a_generations_states_are_an_enforced_table() -> None:
+    """A daemon generation moves starting -> serving -> retiring -> exited; an exited one
+    cannot serve again (an illegal move raises instead of silently reviving it)."""
+    from aiodcp._generation import Generation
+
+    gen = Generation.__new__(Generation)
+    gen.number, gen.pid, gen._state = 1, 123, "starting"
+    gen._move("serving")
+    gen._move("retiring")
+    gen._move("retiring")  # asked twice to go: still retiring
+    gen._move("exited")
+    with pytest.raises(RuntimeError, match="illegal move exited -> serving"):
+        gen._move("serving")
+
+
+def test_the_daemons_stop_state_moves_once_and_the_first_reason_wins() -> None:
+    """A SIGTERM during a graceful Terminate is still a graceful exit; nothing goes back
+    to running."""
+    from aiodcp._persist import Stop, Stopping
+
+    stopping = Stopping()
+    assert not stopping.dying
+    assert stopping.enter(Stop.TERMINATE, "terminate")
+    assert not stopping.enter(Stop.SIGTERM, "SIGTERM")
+    assert stopping.kind is Stop.TERMINATE and not stopping.dying
+    with pytest.raises(RuntimeError):
+        stopping.enter(Stop.RUNNING, "")
+    halted = Stopping()
+    halted.enter(Stop.HALT, "parent process is gone")
+    assert halted.dying and halted.reason == "parent process is gone"
