@@ -50,7 +50,7 @@ def open_store(
     if scheme is None:
         if storage_options:
             raise ValueError(f"storage_options apply to object-store roots only, not {text!r}")
-        return LocalStore(Path(os.path.abspath(text)))
+        return LocalStore(Path(text).absolute())  # as before the seam: no normalising
     if scheme == "s3":
         try:
             from ._store_s3 import S3Store
