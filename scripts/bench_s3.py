@@ -26,6 +26,10 @@ from typing import Any
 
 import torch
 
+# this checkout's aiodcp, not whichever one is installed (an aiodcp without S3 support
+# would take "s3://..." for a local directory)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -78,7 +82,9 @@ class LagMeter:
         return self.worst
 
 
-async def aiodcp_round(ckpt: Any, state: dict[str, Any], step: int, lag: LagMeter) -> dict[str, float]:
+async def aiodcp_round(
+    ckpt: Any, state: dict[str, Any], step: int, lag: LagMeter
+) -> dict[str, float]:
     lag.start()
     t0 = time.perf_counter()
     handle = await ckpt.save(state, step=step)
@@ -112,7 +118,9 @@ async def run(args: argparse.Namespace, url: str) -> None:
     import boto3
 
     import aiodcp
+    from aiodcp._roots import open_store
 
+    assert open_store("s3://bench/aiodcp").remote, "this aiodcp has no S3 support"
     bucket = "bench"
     boto3.client("s3", endpoint_url=url).create_bucket(Bucket=bucket)
     n = args.tensors
