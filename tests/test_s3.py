@@ -442,3 +442,59 @@ async def test_two_ranks_upload_their_own_files_and_commit_once(
     assert "run/step_1/__0_0.distcp" in names and "run/step_1/__1_0.distcp" in names, names
     assert [k for k in names if k.startswith("run/.commits/")] == ["run/.commits/step_1"]
     assert not any(k.startswith(("run/step_0/", "run/.pending/")) for k in names), names
+
+
+TRAINER = """
+import asyncio, sys, torch, aiodcp
+async def main():
+    opts = {"endpoint_url": sys.argv[2], "max_attempts": 1}
+    async with aiodcp.AsyncCheckpointer(sys.argv[1], storage_options=opts) as ckpt:
+        handle = await ckpt.save({"w": torch.randn(1000)}, step=0)
+        print("daemon", ckpt.worker_pid, flush=True)
+        await handle
+asyncio.run(main())
+"""
+
+
+async def test_trainer_killed_mid_upload_its_daemon_exits_and_nothing_is_visible(
+    s3: SimpleNamespace, tmp_path: Path
+) -> None:
+    """The trainer SIGKILLed while its daemon uploads: the daemon stops the upload and
+    exits by itself, no step is visible, and the next open leaves nothing behind."""
+    from tests.conftest import REPO
+
+    hit = anyio.Event()
+    token = anyio.lowlevel.current_token()
+
+    def rule(request: str) -> str:
+        if request.startswith("PUT ") and ".distcp" in request:
+            anyio.from_thread.run_sync(hit.set, token=token)
+            return "stall"
+        return "pass"
+
+    proxy = FaultProxy(s3.url, rule)
+    script = tmp_path / "trainer.py"
+    await anyio.to_thread.run_sync(script.write_text, TRAINER)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    try:
+        async with await anyio.open_process(
+            [sys.executable, str(script), s3.root, proxy.url], env=env, cwd=tmp_path
+        ) as trainer:
+            assert trainer.stdout is not None
+            with anyio.fail_after(120):
+                line = b""
+                while b"\n" not in line:
+                    line += await trainer.stdout.receive()
+                daemon = int(line.split()[1])
+                await hit.wait()
+            trainer.kill()
+            await trainer.wait()
+        with anyio.fail_after(30):  # its daemon notices, abandons the upload, exits
+            while await anyio.to_thread.run_sync(os.path.exists, f"/proc/{daemon}"):  # noqa: ASYNC110
+                await anyio.sleep(0.2)
+    finally:
+        proxy.stop()
+    async with aiodcp.AsyncCheckpointer(s3.root) as ckpt:
+        assert await ckpt.steps() == []
+    assert keys(s3.client) == []
+    assert uploads(s3.client) == []
