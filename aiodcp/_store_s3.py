@@ -643,9 +643,10 @@ class S3Store(Store):
         sizes = self.step_sizes(step)
         for name, (size, _) in sorted(manifest.items()):
             if sizes.get(name) != size:
+                have = "missing" if name not in sizes else f"{sizes[name]} bytes"
                 raise CheckpointError(
                     f"refusing to commit step {step}: {self.url(self._step_prefix(step) + name)} "
-                    f"is {sizes.get(name, 'missing')} bytes, committed {size}"
+                    f"is {have}, committed {size} bytes"
                 )
         for name, size in sorted(needed.items()):
             if sizes.get(name, -1) < size:

@@ -498,3 +498,55 @@ async def test_trainer_killed_mid_upload_its_daemon_exits_and_nothing_is_visible
         assert await ckpt.steps() == []
     assert keys(s3.client) == []
     assert uploads(s3.client) == []
+
+
+TWO_RANKS_STUCK = """
+import asyncio, sys, time, torch, torch.distributed as dist, aiodcp
+async def main():
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    opts = {"endpoint_url": sys.argv[2], "upload_stall_timeout": 2.0, "max_attempts": 1}
+    async with aiodcp.AsyncCheckpointer(sys.argv[1], storage_options=opts) as ckpt:
+        t0 = time.monotonic()
+        try:
+            await (await ckpt.save({f"w{rank}": torch.randn(1000)}, step=0))
+        except aiodcp.SaveFailedError as exc:
+            print(f"FAILED on rank {rank} after {time.monotonic() - t0:.1f} s: "
+                  + str(exc).splitlines()[0], flush=True)
+        assert await ckpt.steps() == []
+    dist.destroy_process_group()
+asyncio.run(main())
+"""
+
+
+async def test_two_ranks_a_stuck_upload_on_one_fails_the_save_on_both(
+    s3: SimpleNamespace, tmp_path: Path
+) -> None:
+    """Rank 1's upload never progresses: the save fails on both ranks within the bound,
+    each naming rank 1 and its object; nothing is committed."""
+    from tests.conftest import REPO, torchrun
+
+    def rule(request: str) -> str:
+        return "stall" if request.startswith("PUT ") and "__1_" in request else "pass"
+
+    proxy = FaultProxy(s3.url, rule)
+    script = tmp_path / "stuck.py"
+    await anyio.to_thread.run_sync(script.write_text, TWO_RANKS_STUCK)
+    try:
+        with anyio.fail_after(220):
+            proc = await anyio.run_process(
+                torchrun(str(script), s3.root, proxy.url),
+                check=False,
+                cwd=tmp_path,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+            )
+    finally:
+        proxy.stop()
+    out = (proc.stdout + proc.stderr).decode()
+    assert proc.returncode == 0, out[-6000:]
+    failed = [ln for ln in proc.stdout.decode().splitlines() if ln.startswith("FAILED")]
+    assert len(failed) == 2, out[-6000:]
+    for line in failed:
+        assert "rank 1: upload of s3://ckpt/run/step_0/__1_0.distcp made no progress" in line
+        assert float(line.split(" after ")[1].split(" s")[0]) < 60, line
+    assert not any(k.startswith("run/.commits/") for k in keys(s3.client))
