@@ -550,3 +550,24 @@ async def test_two_ranks_a_stuck_upload_on_one_fails_the_save_on_both(
         assert "rank 1: upload of s3://ckpt/run/step_0/__1_0.distcp made no progress" in line
         assert float(line.split(" after ")[1].split(" s")[0]) < 60, line
     assert not any(k.startswith("run/.commits/") for k in keys(s3.client))
+
+
+async def test_a_held_lease_is_renewed_and_a_dead_readers_lease_lapses(
+    s3: SimpleNamespace,
+) -> None:
+    """With lease_ttl=2 s: a hold() longer than that keeps its step (renewed); a lease
+    nobody renews (its reader crashed) stops protecting the step after ~2 s."""
+    opts = {"lease_ttl": 2.0}
+    async with aiodcp.AsyncCheckpointer(s3.root, keep_last=1, storage_options=opts) as ckpt:
+        await (await ckpt.save(state(0), step=0))
+        async with aiodcp.hold(s3.root, 0, storage_options=opts):
+            await anyio.sleep(3.5)  # past the ttl: only renewal keeps the lease alive
+            await (await ckpt.save(state(1), step=1))
+            assert await ckpt.steps() == [0, 1]
+        s3.client.put_object(Bucket=BUCKET, Key=f"run/.holds/step_1.{'0' * 32}", Body=b"")
+        await (await ckpt.save(state(2), step=2))
+        assert await ckpt.steps() == [1, 2]  # the crashed reader's lease is still fresh
+        await anyio.sleep(3.5)
+        await (await ckpt.save(state(3), step=3))
+        assert await ckpt.steps() == [3]  # ... and now it has lapsed
+    assert not any(k.startswith("run/.holds/") for k in keys(s3.client))
