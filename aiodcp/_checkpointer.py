@@ -174,10 +174,15 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
 
     # ------------------------------------------------------------- lifecycle
     @property
-    def worker_pid(self) -> int | None:
+    def daemon_pid(self) -> int | None:
         """The daemon's pid, or None when no daemon is serving."""
         gen = self._daemons.current if self._daemons is not None else None
         return gen.pid if gen is not None and gen.alive else None
+
+    @property
+    def worker_pid(self) -> int | None:
+        """:attr:`daemon_pid`, by its older name."""
+        return self.daemon_pid
 
     @property
     def rank(self) -> int:

@@ -48,7 +48,7 @@ import anyio
 import anyio.abc
 
 from . import _protocol as p
-from ._errors import CheckpointError, ProtocolError, WorkerDiedError
+from ._errors import CheckpointError, DaemonDiedError, ProtocolError
 
 log = logging.getLogger("aiodcp")
 _daemon_log = logging.getLogger("aiodcp.daemon")
@@ -229,7 +229,7 @@ class Generation:
             if gen.init_error is not None:
                 raise gen.init_error
             last = tb.strip().splitlines()[-1] if tb.strip() else ""
-            raise WorkerDiedError(
+            raise DaemonDiedError(
                 f"checkpoint daemon (pid {gen.pid}) {describe_exit(gen.returncode)} "
                 "during start-up" + (f": {last}" if last else ""),
                 returncode=gen.returncode,

@@ -22,8 +22,8 @@ from ._errors import (
     CheckpointCancelledError,
     CheckpointError,
     CheckpointExistsError,
+    DaemonDiedError,
     SaveFailedError,
-    WorkerDiedError,
 )
 from ._generation import Generation, describe_exit
 from ._handle import SaveEvent, SaveHandle, SaveResult
@@ -162,9 +162,9 @@ class Outcomes(Parts):
                 log.warning("could not repair latest/.commits in %s: %s", self.root, exc)
         return committed, latest_on_disk(self.root, self.rank)
 
-    def _died_error(self, gen: Generation, step: int | None) -> WorkerDiedError:
+    def _died_error(self, gen: Generation, step: int | None) -> DaemonDiedError:
         where = f" while saving step {step}" if step is not None else ""
-        return WorkerDiedError(
+        return DaemonDiedError(
             f"checkpoint daemon (pid {gen.pid}) {describe_exit(gen.returncode)}{where}; "
             "the step was not published",
             returncode=gen.returncode,
