@@ -7,6 +7,7 @@ import nox
 nox.options.sessions = ["lint", "typecheck", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 TORCH = "torch==2.13.0"
+LOWEST_TORCH = "torch==2.7.1"  # keep in step with pyproject's torch>=2.7
 
 
 @nox.session
@@ -45,8 +46,28 @@ def examples(session: nox.Session) -> None:
 
 
 @nox.session
+def mutants(session: nox.Session) -> None:
+    """Break a copy of aiodcp with each named mutant; its targeted tests must fail."""
+    session.install(TORCH)
+    session.install("-e", ".[test]")
+    session.run("python", "scripts/mutants.py", *session.posargs)
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """The side-by-side benchmark against DCP (see README)."""
     session.install(TORCH)
     session.install("-e", ".")
     session.run("python", "-m", "aiodcp", "bench", *session.posargs)
+
+
+@nox.session
+def smoke(session: nox.Session) -> None:
+    """The built wheel in a fresh venv with its declared dependencies only (no numpy)."""
+    session.run("bash", "scripts/smoke_install.sh", TORCH, external=True)
+
+
+@nox.session
+def lowest(session: nox.Session) -> None:
+    """The same smoke on the lowest torch aiodcp declares (a CUDA wheel set from PyPI)."""
+    session.run("bash", "scripts/smoke_install.sh", LOWEST_TORCH, external=True)

@@ -12,9 +12,16 @@ The whole public API::
     async with aiodcp.hold("checkpoints", step): ...      # keep retention off it
 """
 
+import importlib as _importlib
 import warnings as _warnings
+from typing import TYPE_CHECKING, Any
 
-from ._checkpointer import AsyncCheckpointer, SaveEvent, SaveHandle, SaveResult
+if TYPE_CHECKING:
+    from ._checkpointer import AsyncCheckpointer, SaveEvent, SaveHandle, SaveResult
+    from ._guard import Guard
+    from ._load import hold, load
+    from ._watch import watch
+
 from ._errors import (
     CheckpointCancelledError,
     CheckpointCorruptError,
@@ -22,12 +29,38 @@ from ._errors import (
     CheckpointExistsError,
     CheckpointMismatchError,
     CheckpointNotFoundError,
+    DaemonDiedError,
     ProtocolError,
     SaveFailedError,
     WorkerDiedError,
 )
-from ._load import hold, load
-from ._watch import watch
+
+# The names that need torch load on first use (PEP 562), so that `aiodcp ls`,
+# `verify` and `gc` start without importing torch.
+_LAZY = {
+    "AsyncCheckpointer": "._checkpointer",
+    "SaveEvent": "._checkpointer",
+    "SaveHandle": "._checkpointer",
+    "SaveResult": "._checkpointer",
+    "Guard": "._guard",
+    "hold": "._load",
+    "load": "._load",
+    "watch": "._watch",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'aiodcp' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __version__ = "0.1.0"
 
@@ -45,6 +78,8 @@ __all__ = [
     "CheckpointExistsError",
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
+    "DaemonDiedError",
+    "Guard",
     "ProtocolError",
     "SaveEvent",
     "SaveFailedError",

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import math
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -161,6 +163,26 @@ async def _lagged(fn: Measure) -> Sample:
     return stall, e2e, max(early, default=0.0), staged, max(late, default=0.0)
 
 
+@contextlib.contextmanager
+def children_log(directory: Path) -> Iterator[None]:
+    """Child processes started meanwhile (DCP PROCESS's background process, which sets up
+    INFO logging to its stderr) write their stderr to ``directory/children.log``, not
+    between the table's lines; this process's own ``sys.stderr`` stays where it was."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    own = sys.stderr
+    sys.stderr = open(saved, "w", closefd=False)  # restored below
+    with open(directory / "children.log", "ab") as log:
+        os.dup2(log.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        sys.stderr = own
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _medians(samples: list[Sample]) -> Sample:
     stall, e2e, lag, staged, late = (statistics.median(x) for x in zip(*samples, strict=True))
     return stall, e2e, lag, staged, late
@@ -191,7 +213,7 @@ async def _run(
     rounds: int,
     mem_saves: int,
     directory: Path,
-    timeout: float,
+    save_timeout: float,
     options: dict[str, Any],
 ) -> tuple[list[tuple[str, Sample | str]], str | None]:
     from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, async_save
@@ -213,7 +235,8 @@ async def _run(
     def async_kind(kind: AsyncCheckpointerType) -> Measure:
         async def run() -> tuple[float, float, float]:
             t = time.perf_counter()
-            fut: Any = async_save(state, checkpoint_id=ckpt_dir(), async_checkpointer_type=kind)
+            with children_log(directory):
+                fut: Any = async_save(state, checkpoint_id=ckpt_dir(), async_checkpointer_type=kind)
             stall = time.perf_counter() - t
             await asyncio.wrap_future(fut)
             return stall, time.perf_counter() - t, stall
@@ -246,10 +269,10 @@ async def _run(
         if m in failed:
             return None
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(save_timeout):
                 return await _lagged(fns[m])
         except TimeoutError:
-            failed[m] = f"no result within {timeout:.0f}s (hung?)"
+            failed[m] = f"no result within {save_timeout:.0f}s (hung?)"
         except Exception as exc:  # e.g. PROCESS: one fd per tensor, EMFILE
             msg = " ".join(str(exc).split())
             msg = msg if len(msg) < 100 else f"{msg[:30]} ... {msg[-60:]}"
@@ -298,8 +321,8 @@ async def _memory(state: Any, saves: int, root: Path) -> str:
 
     nbytes = sum(t.nbytes for t in tensors_of(state))
     async with aiodcp.AsyncCheckpointer(root, keep_last=2) as ckpt:
-        assert ckpt.worker_pid is not None
-        pids = (os.getpid(), ckpt.worker_pid)
+        assert ckpt.daemon_pid is not None
+        pids = (os.getpid(), ckpt.daemon_pid)
         before = sum(map(_pss, pids))
         await (await ckpt.save(state))
         after_one = sum(map(_pss, pids)) - before
@@ -381,62 +404,67 @@ def main(args: argparse.Namespace, error: Callable[[str], NoReturn]) -> int:
         error(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
     if args.shape and args.sizes:
         error("--sizes is big16 at several sizes; use --shape with --mib")
+    base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="aiodcp-bench-"))
+    base.mkdir(parents=True, exist_ok=True)
     if not dist.is_initialized():  # DCP's PROCESS mode needs a process group
         dist.init_process_group(
-            "gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1
+            "gloo",
+            init_method=f"file://{base / f'.process-group-{os.getpid()}'}",
+            rank=0,
+            world_size=1,
         )
-    base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="aiodcp-bench-"))
     print(f"aiodcp benchmark, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, dir {base}")
-    try:
-        if args.train:
-            from ._bench_train import main as train
+    with children_log(base):  # DCP's INFO lines (its PROCESS child) not into the table
+        try:
+            if args.train:
+                from ._bench_train import main as train
 
-            return train(args, base)
-        if args.tensors is not None:
-            jobs = [("tensors", args.mib or DEFAULT_MIB["tensors"])]
-        elif args.sizes:
-            jobs = [("big16", int(s)) for s in args.sizes.split(",")]
-        else:
-            shapes = (args.shape or "big16").split(",")
-            if bad := [s for s in shapes if s not in SHAPES]:
-                error(f"unknown shape(s) {bad}; choose from {', '.join(SHAPES)}")
-            jobs = [(s, args.mib or DEFAULT_MIB[s]) for s in shapes]
-        for shape, mib in jobs:
-            directory = base / f"{shape}-{mib}MiB"
-            directory.mkdir(parents=True, exist_ok=True)
-            t0 = time.perf_counter()
-            state, what = make_state(shape, mib, args.tensors)
-            nbytes = sum(t.nbytes for t in tensors_of(state))
-            floors = _floors(state, directory)
-            count = len(tensors_of(state))
-            note = _sharing_strategy(count) if "process" in methods else None
-            rows, memory = asyncio.run(
-                _run(
-                    state,
-                    methods,
-                    args.rounds,
-                    args.rss_saves if args.mem else 0,
-                    directory,
-                    args.save_timeout,
-                    {}
-                    if args.daemon_niceness is None
-                    else {"daemon_niceness": args.daemon_niceness},
+                return train(args, base)
+            if args.tensors is not None:
+                jobs = [("tensors", args.mib or DEFAULT_MIB["tensors"])]
+            elif args.sizes:
+                jobs = [("big16", int(s)) for s in args.sizes.split(",")]
+            else:
+                shapes = (args.shape or "big16").split(",")
+                if bad := [s for s in shapes if s not in SHAPES]:
+                    error(f"unknown shape(s) {bad}; choose from {', '.join(SHAPES)}")
+                jobs = [(s, args.mib or DEFAULT_MIB[s]) for s in shapes]
+            for shape, mib in jobs:
+                directory = base / f"{shape}-{mib}MiB"
+                directory.mkdir(parents=True, exist_ok=True)
+                t0 = time.perf_counter()
+                state, what = make_state(shape, mib, args.tensors)
+                nbytes = sum(t.nbytes for t in tensors_of(state))
+                floors = _floors(state, directory)
+                count = len(tensors_of(state))
+                note = _sharing_strategy(count) if "process" in methods else None
+                rows, memory = asyncio.run(
+                    _run(
+                        state,
+                        methods,
+                        args.rounds,
+                        args.rss_saves if args.mem else 0,
+                        directory,
+                        args.save_timeout,
+                        {}
+                        if args.daemon_niceness is None
+                        else {"daemon_niceness": args.daemon_niceness},
+                    )
                 )
-            )
-            title = (
-                f"{shape}: {nbytes / MiB:.0f} MiB in {count} tensors ({what}); "
-                f"median of {args.rounds} interleaved rounds"
-            )
-            _report(title, nbytes, floors, rows)
-            if note:
-                print(note)
-            if memory:
-                print(memory)
-            print(f"  ({time.perf_counter() - t0:.0f}s for this shape)")
-            del state
-            shutil.rmtree(directory, ignore_errors=True)
-    finally:
-        dist.destroy_process_group()
-        if not args.dir:
-            shutil.rmtree(base, ignore_errors=True)
+                title = (
+                    f"{shape}: {nbytes / MiB:.0f} MiB in {count} tensors ({what}); "
+                    f"median of {args.rounds} interleaved rounds"
+                )
+                _report(title, nbytes, floors, rows)
+                if note:
+                    print(note)
+                if memory:
+                    print(memory)
+                print(f"  ({time.perf_counter() - t0:.0f}s for this shape)")
+                del state
+                shutil.rmtree(directory, ignore_errors=True)
+        finally:
+            dist.destroy_process_group()
+            if not args.dir:
+                shutil.rmtree(base, ignore_errors=True)
     return 0

@@ -25,7 +25,7 @@ import anyio.to_thread
 import sniffio
 
 from . import _protocol as p
-from . import _storage
+from . import _retention, _storage
 from ._dist import Group, Rendezvous, resolve_group
 from ._errors import (
     CheckpointCancelledError,
@@ -184,10 +184,15 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
 
     # ------------------------------------------------------------- lifecycle
     @property
-    def worker_pid(self) -> int | None:
+    def daemon_pid(self) -> int | None:
         """The daemon's pid, or None when no daemon is serving."""
         gen = self._daemons.current if self._daemons is not None else None
         return gen.pid if gen is not None and gen.alive else None
+
+    @property
+    def worker_pid(self) -> int | None:
+        """:attr:`daemon_pid`, by its older name."""
+        return self.daemon_pid
 
     @property
     def rank(self) -> int:
@@ -331,7 +336,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
             lock = _storage.WriterLock(self.root)
             lock.acquire()
             self._lock = lock
-            removed = _storage.cleanup_leftovers(self.root)
+            removed = _retention.cleanup_leftovers(self.root)
             if removed:
                 log.info("removed %d leftovers of interrupted saves in %s", len(removed), self.root)
             appended = _storage.reconcile(self.root)  # the directories are the truth
@@ -419,7 +424,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
             if self._lock is not None:
                 assert isinstance(self.root, Path)
                 # no daemon runs now: whatever temporaries are left are litter
-                _storage.cleanup_leftovers(self.root)
+                _retention.cleanup_leftovers(self.root)
                 self._lock.release()
                 self._lock = None
 

@@ -2,24 +2,56 @@
 
 Built on argparse: it is in the standard library, so the package (which every daemon
 imports at start-up) stays free of CLI dependencies, and six flat subcommands need
-nothing more. Exit codes: 0 ok, 1 the operation failed, 2 bad usage (argparse).
+nothing more. Exit codes: 0 ok, 1 the operation failed, 2 bad usage (argparse), 141
+(128 + SIGPIPE) when the reader of its output went away (``aiodcp ls ROOT | head -1``).
+
+``ls``, ``verify`` (of steps with aiodcp's manifest) and ``gc`` do not import torch;
+``ls``, ``inspect``, ``verify`` and ``gc --dry-run`` create nothing; a wrong path is one
+line on stderr and exit 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from . import _manifest, _storage
+from . import _manifest, _retention, _storage
 from ._errors import CheckpointError
 
 
 def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+class _Usage(Exception):
+    """A wrong path or step: its message is the one line printed, exit 1."""
+
+
+def _checkpoint_root(arg: str) -> Path:
+    """``arg`` as a checkpoint root, or :class:`_Usage` saying why it is not one."""
+    root = Path(arg)
+    if not root.exists():
+        raise _Usage(f"{root} does not exist")
+    if not root.is_dir():
+        raise _Usage(f"{root} is not a directory")
+    try:
+        names = os.listdir(root)
+    except OSError as exc:
+        raise _Usage(f"{root} cannot be read: {exc.strerror}") from None
+    markers = {_storage.LOCK, _storage.LATEST, _storage.COMMITS, _storage.HOLDS_DIR}
+    if not any(
+        n in markers
+        or _storage.STEP_RE.match(n)
+        or n.startswith((_storage.TMP_PREFIX, _storage.TRASH_PREFIX))
+        for n in names
+    ):
+        raise _Usage(f"{root} is not a checkpoint directory (no step_N, latest or .lock in it)")
+    return root
 
 
 def _store(root: str) -> Any:
@@ -53,13 +85,15 @@ def _remote(args: argparse.Namespace) -> int | None:
     return code
 
 
+def _committed_step(root: Path, step: int) -> None:
+    if not _storage.is_committed(root, step):
+        raise _Usage(f"step {step} is not committed in {root}")
+
+
 def _ls(args: argparse.Namespace) -> int:
     if (code := _remote(args)) is not None:
         return code
-    root = Path(args.root)
-    if not root.is_dir():
-        print(f"aiodcp: {root} is not a directory", file=sys.stderr)
-        return 1
+    root = _checkpoint_root(args.root)
     steps = _storage.list_steps(root)
     latest = steps[-1] if steps else None
     rows: list[dict[str, Any]] = []
@@ -76,7 +110,7 @@ def _ls(args: argparse.Namespace) -> int:
             }
         )
     # not committed: aiodcp's saves in progress, and step_N/ without .metadata
-    partial = [p for p in _storage.leftovers(root) if p.name.startswith(_storage.TMP_PREFIX)]
+    partial = [p for p in _retention.leftovers(root) if p.name.startswith(_storage.TMP_PREFIX)]
     partial += [_storage.step_dir(root, s) for s in _storage.incomplete_steps(root)]
     for entry in partial:
         rows.append(
@@ -105,11 +139,12 @@ def _ls(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     if (code := _remote(args)) is not None:
         return code
-    root = Path(args.root)
+    root = _checkpoint_root(args.root)
     try:
         step = args.step if args.step is not None else _storage.read_latest(root)
         if step is None:
             raise CheckpointError(f"no committed checkpoint in {root}")
+        _committed_step(root, step)
         metadata = _manifest.verify(_storage.step_dir(root, step), checksums=False)
     except CheckpointError as exc:
         print(f"aiodcp: {exc}", file=sys.stderr)
@@ -160,10 +195,9 @@ def _verify(args: argparse.Namespace) -> int:
     """Check steps against their manifests (sizes and xxh3_64): 0 all good, 1 a mismatch."""
     if (code := _remote(args)) is not None:
         return code
-    root = Path(args.root)
-    if not root.is_dir():
-        print(f"aiodcp: {root} is not a directory", file=sys.stderr)
-        return 1
+    root = _checkpoint_root(args.root)
+    if args.step is not None:
+        _committed_step(root, args.step)
     steps = _storage.list_steps(root) if args.step is None else [args.step]
     rows: list[dict[str, Any]] = []
     for step in steps:
@@ -173,7 +207,10 @@ def _verify(args: argparse.Namespace) -> int:
             if not _storage.is_committed(root, step):
                 raise CheckpointError(f"step {step} is not committed in {root}")
             manifest = _manifest.read_manifest(path)
-            _manifest.verify(path, checksums=True)
+            if manifest is not None:
+                _check_manifest(path, step, manifest)
+            else:  # a plain dcp.save directory: .metadata is all there is (needs torch)
+                _manifest.verify(path, checksums=True)
             row["checked"] = "checksums" if manifest is not None else "sizes (no aiodcp manifest)"
         except CheckpointError as exc:
             row.update(ok=False, error=str(exc), file=getattr(exc, "file", None))
@@ -192,33 +229,76 @@ def _verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _check_manifest(path: Path, step: int, manifest: dict[str, tuple[int, str]]) -> None:
+    """Every file of the manifest has its committed size and xxh3_64, without torch.
+
+    The commit checked ``.metadata`` against the files (every chunk present) before it
+    wrote the manifest, and ``.metadata`` is among the files hashed here, so equal
+    bytes mean the same, checked, checkpoint.
+    """
+    for name, (size, digest) in sorted(manifest.items()):
+        file = path / name
+        try:
+            actual, got = _manifest.file_digest(file)
+        except FileNotFoundError:
+            raise CheckpointError(f"step {step}: checkpoint file {file} is missing") from None
+        if actual != size:
+            how = "truncated" if actual < size else "longer than committed"
+            raise CheckpointError(
+                f"step {step}: checkpoint file {file} is {how}: {actual} bytes, committed {size}"
+            )
+        if got != digest:
+            raise CheckpointError(
+                f"step {step}: checkpoint file {file} is corrupt: its xxh3_64 checksum "
+                f"differs from the one committed ({digest})"
+            )
+
+
 def _demo(args: argparse.Namespace) -> int:
     import asyncio
+    import shutil
     import tempfile
 
-    root = args.root or tempfile.mkdtemp(prefix="aiodcp-demo-")
-    return asyncio.run(_demo_loop(root, args.steps, args.every))
+    if args.root:  # the user's: kept, and a second run resumes from it
+        return asyncio.run(_demo_loop(args.root, args.steps, args.every, keep=True))
+    root = tempfile.mkdtemp(prefix="aiodcp-demo-")
+    try:
+        return asyncio.run(_demo_loop(root, args.steps, args.every, keep=False))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
-async def _demo_loop(root: str, steps: int, every: int) -> int:
+class _Progress:
+    """One line per save: on a terminal, redrawn in place as its bytes are written and
+    finished with its outcome; elsewhere, only the outcome line."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+
+    def __call__(self, event: Any) -> None:
+        mib = event.total_bytes / 2**20
+        if event.phase in ("committed", "failed", "skipped"):
+            size = f"{mib:7.1f} MiB" if event.phase == "committed" else ""
+            line = f"step {event.step:>4} {event.phase:<9} {size} {event.seconds:6.2f}s"
+            print(f"\r{line:<72}" if self.tty else line, flush=True)
+        elif self.tty:
+            if event.phase == "staged":
+                line = f"step {event.step:>4} staged, writing {mib:.1f} MiB"
+            else:
+                done = event.bytes_written / event.total_bytes if event.total_bytes else 0.0
+                bar = "#" * int(done * 20)
+                line = (
+                    f"step {event.step:>4} {event.phase:<9} [{bar:<20}] "
+                    f"{event.bytes_written / 2**20:7.1f}/{mib:.1f} MiB {event.seconds:6.2f}s"
+                )
+            print(f"\r{line:<72}", end="", flush=True)
+
+
+async def _demo_loop(root: str, steps: int, every: int, *, keep: bool) -> int:
     import torch
 
-    from ._checkpointer import AsyncCheckpointer, SaveEvent
-
-    tty = sys.stdout.isatty()
-
-    def show(event: SaveEvent) -> None:
-        if event.phase == "writing" and not tty:
-            return  # plain output: one line per phase change, no progress spam
-        done = event.bytes_written / event.total_bytes if event.total_bytes else 1.0
-        bar = "#" * int(done * 20)
-        line = (
-            f"step {event.step:>4} {event.phase:<9} [{bar:<20}] "
-            f"{event.bytes_written / 2**20:7.1f}/{event.total_bytes / 2**20:.1f} MiB "
-            f"{event.seconds:6.2f}s"
-        )
-        end = "\r" if tty and event.phase == "writing" else "\n"
-        print(line, end=end, flush=True)
+    from ._checkpointer import AsyncCheckpointer
+    from ._errors import CheckpointNotFoundError
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(
@@ -227,10 +307,17 @@ async def _demo_loop(root: str, steps: int, every: int) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     print(
         f"demo: training a {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-parameter "
-        f"MLP, checkpointing every {every} steps into {root}"
+        f"MLP, checkpointing every {every} steps into {root}",
+        flush=True,
     )
-    async with AsyncCheckpointer(root, keep_last=2, on_event=show) as ckpt:
-        for step in range(steps):
+    progress = _Progress(sys.stdout.isatty())
+    async with AsyncCheckpointer(root, keep_last=2, on_event=progress) as ckpt:
+        try:
+            start = await ckpt.load({"model": model, "optim": opt}) + 1
+            print(f"demo: resuming after step {start - 1}", flush=True)
+        except CheckpointNotFoundError:
+            start = 0
+        for step in range(start, start + steps):
             x = torch.randn(64, 512)
             loss = (model(x) - x).pow(2).mean()
             opt.zero_grad()
@@ -241,14 +328,22 @@ async def _demo_loop(root: str, steps: int, every: int) -> int:
         await ckpt.wait()
         kept = await ckpt.steps()
     print(f"demo: done; committed steps kept (keep_last=2): {kept}")
-    print(f"demo: try `aiodcp ls {root}` and `aiodcp inspect {root}`")
+    if keep:
+        print(f"demo: try `aiodcp ls {root}` and `aiodcp inspect {root}`")
+    else:
+        print("demo: removed its scratch directory; pass --root DIR to keep the checkpoints")
     return 0
 
 
 def _gc(args: argparse.Namespace) -> int:
     if (code := _remote(args)) is not None:
         return code
-    root = Path(args.root)
+    root = _checkpoint_root(args.root)
+    if args.dry_run:  # reads only: no lock taken, nothing created
+        for p in sorted(root.iterdir()):
+            if p.name.startswith((_storage.TMP_PREFIX, _storage.TRASH_PREFIX)):
+                print(f"would remove {p}")
+        return 0
     lock = _storage.WriterLock(root)
     try:
         lock.acquire()
@@ -256,9 +351,9 @@ def _gc(args: argparse.Namespace) -> int:
         print(f"aiodcp: {exc}", file=sys.stderr)
         return 1
     try:
-        leftovers = _storage.leftovers(root)  # only aiodcp's own names
+        leftovers = _retention.leftovers(root)  # only aiodcp's own names
         if not args.dry_run:
-            _storage.cleanup_leftovers(root)
+            _retention.cleanup_leftovers(root)
         for p in leftovers:
             print(("would remove " if args.dry_run else "removed ") + str(p))
         return 0
@@ -293,6 +388,23 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a closed pipe on stdout ends it quietly (exit 141, as ``cat``)."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()
+    except _Usage as exc:
+        print(f"aiodcp: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # the reader went away (`| head`): the Python docs' recipe -- point stdout at
+        # /dev/null so the interpreter's final flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="aiodcp", description="aiodcp checkpoint tools")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_ls = sub.add_parser("ls", help="list steps (committed and partial) under ROOT")
@@ -307,7 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     p_ver.add_argument("--step", type=int, default=None, help="default: every step")
     p_ver.add_argument("--json", action="store_true")
     p_demo = sub.add_parser("demo", help="a short async training loop with checkpointing")
-    p_demo.add_argument("--root", default=None, help="default: a new temporary directory")
+    p_demo.add_argument(
+        "--root", default=None, help="kept, and resumed when run again (default: a scratch dir)"
+    )
     p_demo.add_argument("--steps", type=int, default=60)
     p_demo.add_argument("--every", type=int, default=20)
     p_gc = sub.add_parser(

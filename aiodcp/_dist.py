@@ -169,4 +169,3 @@ def from_rank0(group: Group, obj: Any) -> Any:
         box, src=dist.get_global_rank(group.pg, 0), group=group.pg, device=group.device
     )
     return box[0]
-

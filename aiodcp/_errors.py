@@ -9,6 +9,7 @@ __all__ = [
     "CheckpointExistsError",
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
+    "DaemonDiedError",
     "ProtocolError",
     "SaveFailedError",
     "WorkerDiedError",
@@ -19,17 +20,31 @@ class CheckpointError(Exception):
     """Base class of every error aiodcp raises about a checkpoint or its daemon."""
 
 
-class WorkerDiedError(CheckpointError):
+class DaemonDiedError(CheckpointError):
     """The checkpoint daemon is gone (crashed, killed, or its channel broke).
 
     ``returncode`` is the daemon's exit status as :mod:`subprocess` reports it
-    (negative: killed by that signal), ``step`` the save that was in flight, if any.
+    (negative: killed by that signal), ``step`` the save that was in flight, if any,
+    ``remote_traceback`` the daemon's own traceback when it died of an exception while
+    starting (an import that failed), else empty.
     """
 
-    def __init__(self, message: str, *, returncode: int | None = None, step: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        returncode: int | None = None,
+        step: int | None = None,
+        remote_traceback: str = "",
+    ):
         super().__init__(message)
         self.returncode = returncode
         self.step = step
+        self.remote_traceback = remote_traceback
+
+
+WorkerDiedError = DaemonDiedError
+"""The same class, by its older name (the daemon was once called the worker)."""
 
 
 class SaveFailedError(CheckpointError):

@@ -48,7 +48,7 @@ import anyio
 import anyio.abc
 
 from . import _protocol as p
-from ._errors import CheckpointError, ProtocolError, WorkerDiedError
+from ._errors import CheckpointError, DaemonDiedError, ProtocolError
 
 log = logging.getLogger("aiodcp")
 _daemon_log = logging.getLogger("aiodcp.daemon")
@@ -57,12 +57,30 @@ _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 
 # ``python -c BOOTSTRAP --fd N --config JSON``: the working directory ('' with -c)
 # leaves sys.path before anything is imported, so a user's ``uuid.py`` beside the
-# training script cannot shadow a standard module in the daemon.
+# training script cannot shadow a standard module in the daemon. Whatever kills the
+# daemon before or while it starts (an import that fails) is written, as a traceback,
+# to the start-up pipe ``AIODCP_STARTUP_FD``: the parent puts it on the error it raises.
 BOOTSTRAP = (
     "import os, sys; sys.path[:] = [p for p in sys.path if p not in ('', os.getcwd())]; "
     "sys.path.insert(0, os.environ.pop('AIODCP_PACKAGE_PARENT')); "
-    "from aiodcp._daemon import main; sys.exit(main(sys.argv[1:]))"
+    "fd = int(os.environ.pop('AIODCP_STARTUP_FD'))\n"
+    "try:\n"
+    "    from aiodcp._daemon import main; code = main(sys.argv[1:])\n"
+    "except BaseException:\n"
+    "    import traceback; os.write(fd, traceback.format_exc()[-65536:].encode()); raise\n"
+    "sys.exit(code)"
 )
+
+def _read_all(fd: int) -> str:
+    """Everything in the start-up pipe (its writer has exited), then close it."""
+    chunks = []
+    try:
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode(errors="replace")
+
 
 _READ_CHUNK = 1 << 16
 _REAP_AFTER_KILL = 10.0
@@ -155,14 +173,16 @@ class Generation:
     ) -> Generation:
         """Spawn the daemon and wait (cancellably, within ``init_timeout``) for ``Ready``."""
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        startup_r, startup_w = os.pipe()
         env = dict(os.environ)
         env["AIODCP_PACKAGE_PARENT"] = _PACKAGE_PARENT
+        env["AIODCP_STARTUP_FD"] = str(startup_w)
         argv = [sys.executable, "-c", BOOTSTRAP, "--fd", str(child_sock.fileno())]
         argv += ["--config", json.dumps(asdict(config))]
         try:
             process = await anyio.open_process(
                 argv,
-                pass_fds=(child_sock.fileno(),),
+                pass_fds=(child_sock.fileno(), startup_w),
                 stdin=subprocess.DEVNULL,
                 stdout=None,
                 stderr=None,
@@ -173,10 +193,12 @@ class Generation:
             )
         except BaseException:
             parent_sock.close()
+            os.close(startup_r)
             raise
         finally:
             # Our copy of the child's end must go at once: then a dead child is EOF.
             child_sock.close()
+            os.close(startup_w)
         parent_sock.setblocking(False)
         gen = cls(number, process, parent_sock, config.rank, on_message, on_exit)
         tg.start_soon(gen._run, name=f"aiodcp daemon generation {number} pid {gen.pid}")
@@ -192,22 +214,28 @@ class Generation:
                     await gen.ready.wait()
                     race.cancel_scope.cancel()
         except TimeoutError:
+            os.close(startup_r)
             await gen.kill()
             raise CheckpointError(
                 f"checkpoint daemon (pid {gen.pid}) did not initialise within {init_timeout}s"
             ) from None
         except BaseException:
+            os.close(startup_r)
             await gen.kill()
             raise
         if gen.state != "serving":
             await gen.kill()
+            tb = await anyio.to_thread.run_sync(_read_all, startup_r)  # the child is gone: EOF
             if gen.init_error is not None:
                 raise gen.init_error
-            raise WorkerDiedError(
+            last = tb.strip().splitlines()[-1] if tb.strip() else ""
+            raise DaemonDiedError(
                 f"checkpoint daemon (pid {gen.pid}) {describe_exit(gen.returncode)} "
-                "during start-up",
+                "during start-up" + (f": {last}" if last else ""),
                 returncode=gen.returncode,
+                remote_traceback=tb,
             )
+        os.close(startup_r)
         return gen
 
     # ---------------------------------------------------------------- tasks

@@ -29,12 +29,10 @@ __all__ = ["hold", "load", "load_checkpoint"]
 log = logging.getLogger("aiodcp")
 
 
-def _choose_step(
-    root: Path, step: int | None, verify: bool, fallback: bool
-) -> tuple[int, int | None]:
+def _choose_step(root: Path, step: int | None, verify: bool, fallback: bool) -> tuple[int, Held]:
     """Which step to load, leased first, then checked (sizes; checksums with ``verify``).
-    Rank 0 runs it. Returns the step and its lease (None on a read-only root): the
-    caller loads under the lease and releases it.
+    Rank 0 runs it. Returns the step and its :class:`Held` (lease and pinned
+    directory): the caller loads through it and releases it.
 
     The lease comes before the check so that retention cannot delete the step while
     it is hashed or loaded. With ``step=None`` a step that vanished before it was
@@ -43,15 +41,13 @@ def _choose_step(
     logged with the reason; without ``fallback`` a damaged latest raises.
     """
     if step is not None:
-        lease = _try_hold(root, step)
+        held = Held(root, step)
         try:
-            if lease is None and not _storage.is_committed(root, step):
-                raise CheckpointNotFoundError(f"step {step} is not committed in {root}")
-            _manifest.verify(_storage.step_dir(root, step), checksums=verify)
+            held.verify(checksums=verify)
         except BaseException:
-            _release(root, lease)
+            held.release()
             raise
-        return step, lease
+        return step, held
     tried: set[int] = set()
     failed: list[int] = []
     while True:
@@ -61,21 +57,21 @@ def _choose_step(
         candidate = candidates[0]
         tried.add(candidate)
         try:
-            lease = _try_hold(root, candidate)
+            held = Held(root, candidate)
         except CheckpointNotFoundError:
             log.info("load: step %d of %s vanished before it was leased", candidate, root)
             continue  # retention deleted it: a newer step is there, read the listing again
         try:
-            _manifest.verify(_storage.step_dir(root, candidate), checksums=verify)
-            return candidate, lease
+            held.verify(checksums=verify)
+            return candidate, held
         except (CheckpointCorruptError, CheckpointNotFoundError) as exc:
-            _release(root, lease)
+            held.release()
             if not fallback:
                 raise
             failed.append(candidate)
             log.warning("load: skipping step %d of %s: %s", candidate, root, exc)
         except BaseException:
-            _release(root, lease)
+            held.release()
             raise
     if not failed:
         raise CheckpointNotFoundError(f"no committed checkpoint in {root}")
@@ -198,7 +194,7 @@ def _load_blocking(
     from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
     _storage.check_step(step)
-    lease: int | None = None
+    held: Held | None = None
     err: CheckpointError | None = None
     try:
         if group.distributed:
@@ -207,7 +203,7 @@ def _load_blocking(
             mine: int | CheckpointError | None = None
             if group.rank == 0:
                 try:
-                    mine, lease = _choose_step(root, step, verify, fallback)
+                    mine, held = _choose_step(root, step, verify, fallback)
                 except CheckpointError as exc:
                     mine = exc
             chosen = from_rank0(group, mine)
@@ -216,12 +212,12 @@ def _load_blocking(
             assert isinstance(chosen, int)
             step = chosen
         else:
-            step, lease = _choose_step(root, step, verify, fallback)
+            step, held = _choose_step(root, step, verify, fallback)
         path = _storage.step_dir(root, step)
         try:
-            if lease is None and group.rank != 0:
-                lease = _try_hold(root, step)
-            metadata = _manifest.verify(path, checksums=False)  # cheap; gives the metadata
+            if held is None:
+                held = Held(root, step)
+            metadata = held.verify(checksums=False)  # cheap; gives the metadata
             err = _mismatch(state_dict, metadata, step)
         except CheckpointError as exc:
             err = exc
@@ -229,12 +225,15 @@ def _load_blocking(
             err = _first_error(group, err)
         if err is not None:
             raise err
+        assert held is not None
         try:
             dcp_load(
                 state_dict,
                 # reads .metadata only through aiodcp's restricted unpickler (here: hands
                 # back the one just checked), non-tensor values with torch.load(weights_only)
-                storage_reader=_safe.storage_reader(path, metadata=metadata, step=step),
+                # and every file through the directory pinned when the step was leased:
+                # an overwrite=True commit swapping the step meanwhile cannot mix two
+                storage_reader=_safe.storage_reader(held.pinned, metadata=metadata, step=step),
                 planner=_safe.load_planner(weights_only=weights_only, step=step),
                 process_group=group.pg if group.distributed else None,
                 no_dist=not group.distributed,
@@ -249,24 +248,50 @@ def _load_blocking(
         except Exception as exc:
             raise CheckpointError(f"loading {path} failed: {type(exc).__name__}: {exc}") from exc
     finally:
-        _release(root, lease)
+        if held is not None:
+            held.release()
     return step
 
 
-def _try_hold(root: Path, step: int) -> int | None:
-    """Lease the step while loading, where the root is writable (read-only roots skip it).
+class Held:
+    """A step a reader is reading: leased (where the root is writable; retention and an
+    overwrite's clean-up then leave it alone) and *pinned* -- its directory opened, and
+    every file read through that descriptor, so a step swapped by an ``overwrite=True``
+    commit meanwhile is still read whole, old or new, never a mix of the two.
 
     Raises:
         CheckpointNotFoundError: the step is not committed (or was just deleted).
     """
-    if not os.access(root, os.W_OK):
-        return None
-    return _retention.hold_step(root, step)
 
+    def __init__(self, root: Path, step: int) -> None:
+        self.root, self.step = root, step
+        self.lease = _retention.hold_step(root, step) if os.access(root, os.W_OK) else None
+        try:
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
+            self.dirfd = os.open(_storage.step_dir(root, step), flags)
+        except OSError:
+            self.release()
+            raise CheckpointNotFoundError(f"step {step} is not committed in {root}") from None
+        self.pinned = Path(f"/proc/self/fd/{self.dirfd}")
 
-def _release(root: Path, lease: int | None) -> None:
-    if lease is not None:
-        _retention.release_hold(root, lease)
+    def verify(self, *, checksums: bool) -> Any:
+        """``_manifest.verify`` of the pinned directory; errors name the step's path."""
+        try:
+            return _manifest.verify(self.pinned, checksums=checksums, step=self.step)
+        except CheckpointError as exc:
+            real = str(_storage.step_dir(self.root, self.step))
+            exc.args = tuple(
+                a.replace(str(self.pinned), real) if isinstance(a, str) else a for a in exc.args
+            )
+            raise
+
+    def release(self) -> None:
+        if getattr(self, "dirfd", -1) >= 0:
+            os.close(self.dirfd)
+            self.dirfd = -1
+        if self.lease is not None:
+            _retention.release_hold(self.root, self.lease)
+            self.lease = None
 
 
 async def load_checkpoint(

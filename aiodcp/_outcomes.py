@@ -20,8 +20,8 @@ from ._errors import (
     CheckpointCancelledError,
     CheckpointError,
     CheckpointExistsError,
+    DaemonDiedError,
     SaveFailedError,
-    WorkerDiedError,
 )
 from ._generation import Generation, describe_exit
 from ._handle import SaveEvent, SaveHandle, SaveResult
@@ -63,9 +63,10 @@ class Outcomes(Parts):
                     step=handle.step,
                 )
             else:
-                error = SaveFailedError(
+                log.debug("daemon traceback of step %d:\n%s", handle.step, msg.traceback)
+                error = SaveFailedError(  # the traceback: .remote_traceback and debug log
                     f"save of step {handle.step} failed in the daemon: {msg.error_type}: "
-                    f"{msg.message}\n--- daemon traceback ---\n{msg.traceback}",
+                    f"{msg.message.strip().partition(chr(10))[0][:500]}",
                     step=handle.step,
                     remote_type=msg.error_type,
                     remote_traceback=msg.traceback,
@@ -162,9 +163,9 @@ class Outcomes(Parts):
                 log.warning("could not repair latest/.commits in %s: %s", self.root, exc)
         return committed, latest_on_disk(self.store, self.rank)
 
-    def _died_error(self, gen: Generation, step: int | None) -> WorkerDiedError:
+    def _died_error(self, gen: Generation, step: int | None) -> DaemonDiedError:
         where = f" while saving step {step}" if step is not None else ""
-        return WorkerDiedError(
+        return DaemonDiedError(
             f"checkpoint daemon (pid {gen.pid}) {describe_exit(gen.returncode)}{where}; "
             "the step was not published",
             returncode=gen.returncode,

@@ -15,7 +15,7 @@ import anyio
 import anyio.abc
 
 from ._dist import Group
-from ._errors import WorkerDiedError
+from ._errors import DaemonDiedError
 from ._generation import Generation
 from ._guard import Guard
 from ._handle import SaveEvent, SaveHandle, SaveResult
@@ -71,7 +71,7 @@ class Parts:
         def _emit(self, handle: SaveHandle, phase: Any, written: int, total: int) -> None:
             raise NotImplementedError
 
-        def _died_error(self, gen: Generation, step: int | None) -> WorkerDiedError:
+        def _died_error(self, gen: Generation, step: int | None) -> DaemonDiedError:
             raise NotImplementedError
 
         def _send_cancel(self, handle: SaveHandle) -> None:

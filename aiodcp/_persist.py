@@ -26,7 +26,7 @@ from typing import Any
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from . import _protocol as p
-from . import _storage
+from . import _retention, _storage
 from ._arena import MappedArena
 from ._dcp_errors import DaemonExiting, PeerFailed, SaveCancelled, is_cancellation
 from ._dcp_errors import save as dcp_save
@@ -251,6 +251,9 @@ class Persisting:
                 self.store.commit(tmp, msg.step, overwrite=msg.overwrite)
             except BaseException as exc:
                 err = f"{type(exc).__name__}: {exc}"
+            else:
+                if msg.overwrite:  # the old step, unless a reader still reads it
+                    _retention.remove_unheld_trash(self.root)
         if self.pg is not None:
             import torch.distributed as dist
 

@@ -20,6 +20,7 @@ which ``torch.save`` would pickle and a template would not).
 
 from __future__ import annotations
 
+import ctypes
 import io
 import struct
 import zipfile
@@ -50,7 +51,7 @@ def write_tensor(tensor: torch.Tensor, stream: Any) -> None:
         tuple(tensor.stride()),
         tensor.storage_offset(),
         storage.nbytes(),
-        _config.save.storage_alignment,  # per thread, like the CRC option
+        _config.save.storage_alignment,  # per thread from torch 2.13, like the CRC option
     )
     if key not in _templates:
         if len(_templates) < _MAX_KINDS:
@@ -65,8 +66,15 @@ def write_tensor(tensor: torch.Tensor, stream: Any) -> None:
     prefix, suffix = template
     stream.write(prefix)
     if storage.nbytes():
-        stream.write(torch.empty(0, dtype=torch.uint8).set_(storage).numpy())
+        stream.write(_bytes_of(storage))
     stream.write(suffix)
+
+
+def _bytes_of(storage: torch.UntypedStorage) -> memoryview:
+    """The storage's bytes, zero-copy, without numpy (a plain install has none): a
+    ctypes array over its data; valid while the caller holds the storage."""
+    n = storage.nbytes()
+    return memoryview((ctypes.c_ubyte * n).from_address(storage.data_ptr())).cast("B")
 
 
 def _templatable(t: torch.Tensor) -> bool:

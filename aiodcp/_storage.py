@@ -38,8 +38,8 @@ import errno
 import fcntl
 import os
 import re
-import shutil
 import signal
+import socket
 import stat
 import uuid
 from pathlib import Path
@@ -62,7 +62,6 @@ __all__ = [
     "highest_taken_step",
     "incomplete_steps",
     "is_leftover",
-    "leftovers",
     "new_token",
     "append_commit",
     "read_commits",
@@ -70,7 +69,6 @@ __all__ = [
     "HOLDS_DIR",
     "LATEST",
     "WriterLock",
-    "cleanup_leftovers",
     "commit",
     "list_steps",
     "read_latest",
@@ -283,7 +281,8 @@ def commit(root: Path, tmp: Path, step: int, *, overwrite: bool) -> Path:
     directory -> rename -> fsync ``root`` -> ``latest`` -> ``.commits``. A crash
     after the rename leaves ``latest``/``.commits`` behind: :func:`reconcile`
     catches them up. With ``overwrite`` an existing step is swapped out in one
-    ``rename`` (the old one stays loadable until then) and deleted afterwards.
+    ``rename`` (the old one stays loadable until then) into ``.trash-step_N-*``,
+    which :func:`remove_unheld_trash` deletes once no reader holds step N.
     """
     if not (tmp / METADATA).is_file():
         raise CheckpointError(f"refusing to commit {tmp}: it has no {METADATA}")
@@ -297,12 +296,10 @@ def commit(root: Path, tmp: Path, step: int, *, overwrite: bool) -> Path:
         if not overwrite:
             raise exists_error(root, step)
         if _renameat2(tmp, final, _RENAME_EXCHANGE):
-            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old step
+            os.rename(tmp, trash_dir(root, step))  # tmp now holds the old step
         else:  # pragma: no cover - kernels without RENAME_EXCHANGE
-            trash = trash_dir(root, step)
-            os.rename(final, trash)
+            os.rename(final, trash_dir(root, step))
             os.rename(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
     else:
         try:
             if not _renameat2(tmp, final, _RENAME_NOREPLACE):  # pragma: no cover
@@ -404,30 +401,6 @@ def read_commits(root: Path, offset: int) -> tuple[list[int], int] | None:
     return steps, offset + end
 
 
-def leftovers(root: Path) -> list[Path]:
-    """aiodcp's own temporaries in ``root`` (exactly its names: see :data:`LEFTOVER_RE`).
-
-    Another program's ``.tmp-data/`` or ``.latest.json`` is not one of them.
-    """
-    try:
-        names = os.listdir(root)
-    except FileNotFoundError:
-        return []
-    return [root / name for name in sorted(names) if is_leftover(name)]
-
-
-def cleanup_leftovers(root: Path) -> list[Path]:
-    """Remove aiodcp's temporaries of interrupted saves; nothing else in ``root``."""
-    removed = []
-    for path in leftovers(root):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        removed.append(path)
-    return removed
-
-
 class WriterLock:
     """An exclusive ``flock`` on ``root/.lock``: one live writer per root.
 
@@ -444,13 +417,33 @@ class WriterLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            holder = _lock_holder(fd)
             os.close(fd)
             raise CheckpointError(
-                f"{self.path.parent} is in use by another live AsyncCheckpointer"
+                f"{self.path.parent} is in use by another live AsyncCheckpointer{holder}; "
+                "close that one first (or give this one another root)"
             ) from None
+        try:  # who holds it, for the message above (a courtesy: the flock is the lock)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        except OSError:
+            pass
         self.fd = fd
 
     def release(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _lock_holder(fd: int) -> str:
+    """`` (pid P on HOST)`` from a held lock file, `` (this process, pid P)`` if it is
+    ours, or "" when the holder wrote nothing readable."""
+    try:
+        pid_text, _, host = os.pread(fd, 256, 0).decode().strip().partition(" ")
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return ""
+    if pid == os.getpid() and host == socket.gethostname():
+        return f" (this process, pid {pid})"
+    return f" (pid {pid} on {host})" if host else f" (pid {pid})"

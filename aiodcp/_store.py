@@ -149,7 +149,7 @@ class LocalStore(Store):
         return _storage.highest_taken_step(self.root)
 
     def cleanup_leftovers(self) -> list[Any]:
-        return _storage.cleanup_leftovers(self.root)
+        return _retention.cleanup_leftovers(self.root)
 
     def reconcile(self) -> list[int]:
         return _storage.reconcile(self.root)

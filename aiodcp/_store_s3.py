@@ -46,7 +46,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -738,9 +738,9 @@ class S3Store(Store):
 def _server_now(resp: Mapping[str, Any]) -> datetime:
     date = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
     try:
-        return parsedate_to_datetime(date) if date else datetime.now(timezone.utc)
+        return parsedate_to_datetime(date) if date else datetime.now(UTC)
     except (TypeError, ValueError):
-        return datetime.now(timezone.utc)
+        return datetime.now(UTC)
 
 
 class _Lease:

@@ -134,7 +134,9 @@ class VerifiedWriter(FileSystemWriter):
         def work(first: int) -> None:
             # torch.save's zip CRC-32 of every record was a quarter of the daemon's CPU
             # per byte; each file's xxh3_64 (hashed as written) is the integrity check
-            # instead, and torch.load does not read the CRC. The setting is per thread.
+            # instead, and torch.load does not read the CRC. The setting is per thread from
+            # torch 2.13 and process-wide before it: harmless, the daemon's torch.save
+            # calls are all its writers'.
             try:
                 torch.serialization.set_crc32_options(False)
                 for k in range(first, len(files), n):

@@ -2,6 +2,8 @@
 
     torchrun --nproc-per-node 2 examples/multirank_torchrun.py --root multirank-checkpoints
 
+Run again, it resumes from the latest step.
+
 Each rank holds one shard of a DTensor; the checkpoint is one DCP directory that any
 number of ranks (or a single process with plain ``dcp.load``) can read back.
 """
@@ -25,7 +27,11 @@ async def main(root: str, steps: int) -> None:
     weight = distribute_tensor(torch.zeros(world * 4, 8), mesh, [Shard(0)])
     bias = distribute_tensor(torch.zeros(8), mesh, [Replicate()])
     async with aiodcp.AsyncCheckpointer(root, keep_last=2) as ckpt:  # default process group
-        for step in range(steps):
+        try:  # run again: resume from the latest step
+            start = await ckpt.load({"weight": weight, "bias": bias}) + 1
+        except aiodcp.CheckpointNotFoundError:
+            start = 0
+        for step in range(start, start + steps):
             weight.to_local().add_(1.0)  # "training"
             bias.to_local().add_(0.5)
             handle = await ckpt.save({"weight": weight, "bias": bias, "step": step}, step=step)
@@ -44,7 +50,7 @@ async def main(root: str, steps: int) -> None:
 
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--root", default="multirank-checkpoints")
+parser.add_argument("--root", default="torchrun-example-checkpoints")
 parser.add_argument("--steps", type=int, default=3)
 args = parser.parse_args()
 dist.init_process_group("gloo")

@@ -47,8 +47,12 @@ async def learner(root: str, n_actors: int, updates: int, every: int) -> None:
     torch.manual_seed(0)
     policy = make_policy()
     opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
-    final_step = (updates - 1) // every * every
     async with aiodcp.AsyncCheckpointer(root, keep_last=3) as ckpt:
+        try:  # run again: resume from the last published policy
+            start = await ckpt.load({"policy": policy}) + 1
+        except aiodcp.CheckpointNotFoundError:
+            start = 0
+        final_step = (start + updates - 1) // every * every
         actors = [
             await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -63,7 +67,7 @@ async def learner(root: str, n_actors: int, updates: int, every: int) -> None:
             for i in range(n_actors)
         ]
         await asyncio.sleep(3)  # let the actors start watching (they would catch up anyway)
-        for update in range(updates):
+        for update in range(start, start + updates):
             obs = torch.randn(64, 8)
             loss = policy(obs).pow(2).mean()
             opt.zero_grad()

@@ -116,3 +116,23 @@ def test_train_run_prints_every_method_and_ratio(tmp_path: Path) -> None:
         assert row in out, out
     assert "ratios: aiodcp overhead / DefaultStager overhead" in out
     assert "save every 2 (2 saves)" in out
+
+
+def test_dcp_process_info_lines_stay_out_of_the_output_and_the_header_is_measured(
+    tmp_path: Path,
+) -> None:
+    """DCP's PROCESS background process logs INFO to its stderr: it goes to a log file, not
+    between the table's lines; the s/step line is what the `none` runs measured."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run(
+        [
+            sys.executable, "-m", "aiodcp", "bench", "--dir", str(tmp_path / "b"), "--train",
+            "--mib", "4", "--steps", "4", "--every", "2", "--rounds", "1", "--batch", "4",
+            "--methods", "process",
+        ],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert " - INFO - " not in r.stdout + r.stderr, r.stderr[-3000:]
+    assert "s/step)" not in r.stdout  # no longer a pre-run guess in the header
+    assert "training alone (none):" in r.stdout and "measured in these runs" in r.stdout

@@ -158,9 +158,17 @@ async def test_prepare_then_save_and_a_lower_priority_daemon(root: Path) -> None
         await (await ckpt.save(state))
         await ckpt.prepare({"other": torch.ones(3)})  # a new layout: a new arena
         await (await ckpt.save(state))
-        target = _state(0)
-        await ckpt.load(target, step=0)
-        assert torch.equal(target["big"], state["big"])
+        await ckpt.prepare(state)  # the original layout again: its (filled) arena
+        state["big"].add_(1)
+        state["opt"]["moments"][0].mul_(-1)
+        await (await ckpt.save(state))
+        assert await ckpt.steps() == [0, 1, 2]
+        # every save wrote the values it was given, whatever arena prepare() left it
+        for step, add, sign in [(0, 0, 1), (1, 0, 1), (2, 1, -1)]:
+            target = _state(0)
+            await ckpt.load(target, step=step)
+            assert torch.equal(target["big"], _state(3)["big"] + add), step
+            assert torch.equal(target["opt"]["moments"][0], sign * _state(3)["opt"]["moments"][0])
 
 
 async def test_root_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None:
@@ -222,9 +230,31 @@ async def test_max_inflight_lets_saves_overlap_and_wait_applies_backpressure(roo
         del os.environ["AIODCP_TEST_SLOW_WRITE"]
 
 
+# Worst loop lag over a 256 MiB save, as a fraction of one copy of the state measured in
+# the test (2-core box under load, 3 runs each): 0.08-0.14 as it is; 1.9-2.8 with an
+# extra copy in save() on the loop's thread (the copy-on-loop mutant, scripts/mutants.py).
+LAG_PER_COPY = 0.5
+
+
+def _copy_seconds(state: dict[str, torch.Tensor]) -> float:
+    """The median time of one copy of ``state`` into memory allocated beforehand."""
+    dst = {k: torch.empty_like(v) for k, v in state.items()}
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        for k, v in state.items():
+            dst[k].copy_(v)
+        times.append(time.perf_counter() - t)
+    return sorted(times)[1]
+
+
+@pytest.mark.serial
 async def test_event_loop_keeps_ticking_during_a_large_save(root: Path) -> None:
-    """A 256 MiB save (stage + persist) never stalls the loop for long (ticker task)."""
+    """A 256 MiB save (stage + persist) never stalls the loop for long (ticker task): its
+    worst tick is well under one copy of the state on the loop's thread (what a copy in
+    save() itself, instead of in a worker thread, would cost)."""
     state = {f"t{i}": torch.randn(4 * 1024 * 1024) for i in range(16)}  # 16 x 16 MiB
+    copy = await anyio.to_thread.run_sync(_copy_seconds, state)
     lags: list[float] = []
     async with aiodcp.AsyncCheckpointer(root) as ckpt:
         done = anyio.Event()
@@ -241,6 +271,132 @@ async def test_event_loop_keeps_ticking_during_a_large_save(root: Path) -> None:
             handle = await ckpt.save(state)
             await handle
             done.set()
-    print(f"max loop lag {max(lags) * 1e3:.1f} ms over {len(lags)} ticks")
+    print(f"max loop lag {max(lags) * 1e3:.1f} ms over {len(lags)} ticks; copy {copy * 1e3:.1f} ms")
     assert len(lags) > 50
-    assert max(lags) < 0.1  # generous for a noisy 2-core CI box; the benchmark reports it
+    assert max(lags) < LAG_PER_COPY * copy
+
+
+# ------------------------------------- issue 23: promises of the README tested nowhere
+async def test_result_never_waits(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """handle.result() raises anyio.WouldBlock while the save is in flight, then returns
+    what ``await handle`` returns."""
+    monkeypatch.setenv("AIODCP_TEST_SLOW_WRITE", "0.2")
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:
+        handle = await ckpt.save(_state())
+        with pytest.raises(anyio.WouldBlock, match="step 0"):
+            handle.result()
+        result = await handle
+        assert handle.result() is result and result.step == 0
+
+
+async def test_events_writing_failed_and_skipped(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """on_event sees `writing` during a slow persist, `skipped` for a save dropped by
+    when_busy="skip", and `failed` for a save whose daemon was killed."""
+    monkeypatch.setenv("AIODCP_TEST_SLOW_WRITE", "0.15")
+    events: list[aiodcp.SaveEvent] = []
+    async with aiodcp.AsyncCheckpointer(root, when_busy="skip", on_event=events.append) as ckpt:
+        first = await ckpt.save(_state(), step=0)
+        skipped = await (await ckpt.save(_state(), step=1))
+        assert skipped.skipped
+        await first
+        doomed = await ckpt.save(_state(), step=2)
+        pid = ckpt.worker_pid
+        assert pid is not None
+        with anyio.fail_after(30):
+            while not any(e.step == 2 and e.phase == "writing" for e in events):  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        os.kill(pid, 9)
+        with pytest.raises(aiodcp.WorkerDiedError):
+            await doomed
+    by_step: dict[int, list[str]] = {}
+    for e in events:
+        by_step.setdefault(e.step, []).append(e.phase)
+    assert by_step[1] == ["skipped"]
+    assert by_step[0][0] == "staged" and "writing" in by_step[0]
+    assert by_step[0][-1] == "committed"
+    assert by_step[2][-1] == "failed" and "committed" not in by_step[2]
+    writing = [e for e in events if e.step == 0 and e.phase == "writing"]
+    assert all(0 <= e.bytes_written <= e.total_bytes for e in writing)
+
+
+@pytest.mark.parametrize("value", ["1", "0"])
+async def test_dcp_environment_variables_are_the_defaults(
+    root: Path, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """use_prefix_store / disable_automatic_gc / disable_manual_gc default from
+    DCP_USE_PREFIX_STORE / DCP_DISABLE_AUTOMATIC_GC / DCP_DISABLE_MANUAL_GC; an explicit
+    argument wins."""
+    for name in ("DCP_USE_PREFIX_STORE", "DCP_DISABLE_AUTOMATIC_GC", "DCP_DISABLE_MANUAL_GC"):
+        monkeypatch.setenv(name, value)
+    on = value == "1"
+    ckpt = aiodcp.AsyncCheckpointer(root)
+    assert (ckpt.use_prefix_store, ckpt.disable_automatic_gc, ckpt.disable_manual_gc) == (
+        on,
+        on,
+        on,
+    )
+    ckpt = aiodcp.AsyncCheckpointer(
+        root, use_prefix_store=not on, disable_automatic_gc=not on, disable_manual_gc=not on
+    )
+    assert (ckpt.use_prefix_store, ckpt.disable_automatic_gc, ckpt.disable_manual_gc) == (
+        not on,
+        not on,
+        not on,
+    )
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:  # and the daemon starts with them
+        await (await ckpt.save(_state()))
+
+
+async def test_overwrite_keeps_the_old_step_loadable_until_the_swap(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """save(step=0, overwrite=True) while step 0 is committed: until the new one is in
+    place, step 0 loads the old values (never a partial, never missing); after, the new."""
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:
+        old = _state(1)
+        await (await ckpt.save(old, step=0))
+    monkeypatch.setenv("AIODCP_TEST_SLOW_WRITE", "0.15")
+    new = _state(2)
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:
+        with pytest.raises(CheckpointExistsError):
+            await ckpt.save(new, step=0)
+        handle = await ckpt.save(new, step=0, overwrite=True)
+        loads = 0
+        # load step 0 while the new one is being written, until its data is all written
+        # (DCP writes .metadata last): a load that spans the swap itself may read the old
+        # .metadata and the new data files (see the issue 23 report)
+        while not await anyio.to_thread.run_sync(
+            lambda: any(root.glob(".tmp-step_0-*/.metadata")) or handle.done()
+        ):
+            out = _state(9)
+            await ckpt.load(out, step=0)
+            assert torch.equal(out["big"], old["big"]) and torch.equal(
+                out["opt"]["moments"][0], old["opt"]["moments"][0]
+            )
+            loads += 1
+        assert loads >= 2  # the old step was read while the new one was being written
+        assert (await handle).step == 0 and await ckpt.steps() == [0]
+        out = _state(9)
+        await ckpt.load(out, step=0, verify=True)
+        assert torch.equal(out["big"], new["big"])
+
+
+async def test_a_cancel_after_the_commit_point_commits(root: Path) -> None:
+    """handle.cancel() once the step is renamed into place (the loop was busy meanwhile,
+    so the reply has not been read): the save commits and ``await handle`` returns it."""
+    state = _state(4)
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:
+        handle = await ckpt.save(state, step=3)
+        deadline = time.monotonic() + 60
+        while not (root / "step_3").exists():  # synchronous work: the loop does not run
+            assert time.monotonic() < deadline
+            time.sleep(0.005)  # noqa: ASYNC251
+        assert not handle.done()
+        handle.cancel()
+        result = await handle
+        assert result.step == 3 and await ckpt.steps() == [3]
+        out = _state(0)
+        await ckpt.load(out, step=3)
+        assert torch.equal(out["big"], state["big"])

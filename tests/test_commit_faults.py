@@ -25,11 +25,19 @@ SAVE_ONE = """
 import asyncio, sys, torch, aiodcp
 async def main():
     async with aiodcp.AsyncCheckpointer(sys.argv[1]) as ckpt:
+        pid = ckpt.worker_pid
         try:
-            await (await ckpt.save({"x": torch.full((100,), 1.0)}))
-            print("committed")
+            result = await (await ckpt.save({"x": torch.full((100,), 1.0)}))
+            print("committed", "recovered" if result.recovered else "normally")
         except aiodcp.WorkerDiedError as exc:
             print("died", exc.step)
+        # the daemon really died at the kill point (a zombie counts as dead)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                alive = f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            alive = False
+        print("alive" if alive else "dead")
 asyncio.run(main())
 """
 
@@ -69,7 +77,10 @@ async def test_kill_at_each_commit_step_then_reconcile(root: Path, point: str) -
         )
         renamed = point != "before_rename"
         out = proc.stdout.decode().split()
-        assert out == (["committed"] if renamed else ["died", "1"]), proc.stderr.decode()[-2000:]
+        # the kill point fired (the daemon is dead), and after the rename the handle's
+        # outcome was re-read from disk (recovered), not reported by the daemon
+        expected = ["committed", "recovered"] if renamed else ["died", "1"]
+        assert out == [*expected, "dead"], proc.stderr.decode()[-2000:]
         steps, latest, logged, tmps = await anyio.to_thread.run_sync(_state, root)
         assert steps == ([0, 1] if renamed else [0])
         # the checkpointer whose daemon died repaired the derived state at once

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from .conftest import REPO, torchrun
 
@@ -26,30 +29,91 @@ def test_training_example_runs_and_resumes(tmp_path: Path) -> None:
     assert "resumed from step 40" in second.stdout
 
 
-def test_cli_demo(tmp_path: Path) -> None:
+def test_cli_demo_runs_twice_in_one_root_and_a_scratch_root_is_removed(tmp_path: Path) -> None:
     r = _run("-m", "aiodcp", "demo", "--root", "demo", "--steps", "41", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "committed" in r.stdout and "[20, 40]" in r.stdout
-    assert "writing" not in r.stdout  # not a terminal: no progress spam
+    assert "writing" not in r.stdout and "staged" not in r.stdout  # not a terminal
+    assert sum(ln.startswith("step ") for ln in r.stdout.splitlines()) == 3  # one per save
+    again = _run("-m", "aiodcp", "demo", "--root", "demo", "--steps", "41", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "resuming after step 40" in again.stdout and "[60, 80]" in again.stdout
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    r = subprocess.run(
+        [sys.executable, "-m", "aiodcp", "demo", "--steps", "21"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "TMPDIR": str(scratch)},
+    )
+    assert r.returncode == 0, r.stderr
+    assert list(scratch.glob("aiodcp-demo-*")) == []
 
 
+def test_demo_progress_is_one_line_per_save() -> None:
+    """On a terminal one line per save, redrawn in place (\\r) as bytes are written:
+    no empty bar while staged, no full bar on failure; elsewhere only outcomes."""
+    import contextlib
+    import io
+
+    from aiodcp._checkpointer import SaveEvent
+    from aiodcp._cli import _Progress
+
+    events = [
+        SaveEvent(3, "staged", 0, 4 << 20, 0.01),
+        SaveEvent(3, "writing", 2 << 20, 4 << 20, 0.2),
+        SaveEvent(3, "committed", 4 << 20, 4 << 20, 0.4),
+        SaveEvent(4, "staged", 0, 4 << 20, 0.01),
+        SaveEvent(4, "failed", 0, 0, 0.3),
+    ]
+    for tty in (True, False):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            show = _Progress(tty)
+            for e in events:
+                show(e)
+        text = out.getvalue()
+        lines = text.split("\n")
+        assert len(lines) == 3 and lines[-1] == ""  # one line per save
+        assert "[          " not in text  # never an empty bar
+        assert "[####################]" not in text  # never a full bar (failed, committed)
+        assert "failed" in lines[1] and "committed" in lines[0]
+        if tty:
+            assert "[##########          ]     2.0/4.0 MiB" in lines[0]
+        else:
+            assert "\r" not in text and "writing" not in text
+
+
+@pytest.mark.timeout(300)
 def test_rl_actor_learner_example(tmp_path: Path) -> None:
-    """Actors in separate processes follow every published policy, never a partial one."""
+    """Actors in separate processes follow every published policy, never a partial one;
+    run again in the same place, the learner resumes."""
     example = str(REPO / "examples" / "rl_actor_learner.py")
-    r = _run(example, "--root", "rl", "--actors", "2", "--updates", "31", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    for actor in (0, 1):
-        assert f"actor {actor}: acting with policy version 30" in r.stdout
-        assert f"actor {actor}: done" in r.stdout
-    assert "actors exited with [0, 0]" in r.stdout
+    for final in (30, 60):
+        r = _run(example, "--root", "rl", "--actors", "2", "--updates", "31", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        for actor in (0, 1):
+            assert f"actor {actor}: acting with policy version {final}" in r.stdout
+            assert f"actor {actor}: done" in r.stdout
+        assert "actors exited with [0, 0]" in r.stdout
 
 
 def test_multirank_example_under_torchrun(tmp_path: Path) -> None:
     example = str(REPO / "examples" / "multirank_torchrun.py")
     cmd = torchrun(example, "--root", "mr")
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "rank 0 reloaded step 2; committed: [1, 2]" in r.stdout
+    for last, kept in ((2, "[1, 2]"), (5, "[4, 5]")):  # run again: it resumes
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert f"rank 0 reloaded step {last}; committed: {kept}" in r.stdout
+
+
+def test_the_two_readme_torchrun_commands_use_different_roots() -> None:
+    readme = (REPO / "README.md").read_text()
+    assert "--root multirank-checkpoints" in readme
+    source = (REPO / "examples" / "multirank_torchrun.py").read_text()
+    assert 'default="multirank-checkpoints"' not in source
 
 
 LEFTOVER = ".tmp-step_99-" + "dead" * 8  # exactly a name aiodcp makes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -138,13 +139,14 @@ async def test_sigterm_to_the_daemon_aborts_cleanly_and_reports_death(
 
 @pytest.fixture
 def tiny_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
     mnt = tmp_path / "tiny"
     mnt.mkdir()
     r = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True
     )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    assert r.returncode == 0, f"root, yet cannot mount a tmpfs: {r.stderr.decode().strip()}"
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
@@ -238,6 +240,7 @@ async def test_random_sigkills_never_publish_a_partial(root: Path, slow_write: N
     rng = random.Random(1234)
     expected: dict[int, float] = {}
     big = {f"b{i}": torch.randn(2_000_000) for i in range(4)}  # 32 MiB: staging takes a while
+    every_pid: set[int] = set()
     async with aiodcp.AsyncCheckpointer(root) as ckpt:
         for i in range(8):
             value = float(i * 10)
@@ -269,6 +272,7 @@ async def test_random_sigkills_never_publish_a_partial(root: Path, slow_write: N
                     expected[i] = value  # committed before the kill
                 except WorkerDiedError:
                     pass
+            every_pid.add(pid)
             with anyio.fail_after(1):
                 while ckpt.worker_pid == pid:  # noqa: ASYNC110
                     await anyio.sleep(0.01)
@@ -277,7 +281,7 @@ async def test_random_sigkills_never_publish_a_partial(root: Path, slow_write: N
                 out = await _load(root, step, n=4)
                 assert all(torch.equal(out[f"t{j}"], torch.full((1000,), v + j)) for j in range(4))
     assert _litter(root) == []
-    assert not any(p in daemon_pids() for p in [pid])
+    assert len(every_pid) == 8 and not every_pid & daemon_pids()  # every daemon is gone
 
 
 PREEMPTED = """
@@ -316,3 +320,168 @@ async def test_preemption_sigterm_commits_then_exits(root: Path, slow_write: Non
     )
     assert steps == ["step_0", "step_99"]
     assert daemon not in daemon_pids()
+
+
+# ------------------------------------- issue 23: promises of the README tested nowhere
+async def test_wait_re_raises_a_failure_nobody_awaited(root: Path, slow_write: None) -> None:
+    """A save fails (its daemon killed) and nobody awaits its handle: wait() raises that
+    failure, once (leaving the block afterwards raises nothing)."""
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:
+        await ckpt.save(_state())
+        pid = ckpt.worker_pid
+        assert pid is not None
+        await anyio.sleep(0.3)
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(WorkerDiedError, match="SIGKILL") as info:
+            await ckpt.wait()
+        assert info.value.step == 0
+        await ckpt.wait()  # seen now
+
+
+async def test_leaving_the_block_re_raises_a_failure_nobody_awaited(
+    root: Path, slow_write: None
+) -> None:
+    """The same failure, never awaited and no wait(): leaving ``async with`` raises it."""
+    with pytest.raises(WorkerDiedError, match="SIGKILL") as info:
+        async with aiodcp.AsyncCheckpointer(root) as ckpt:
+            await ckpt.save(_state())
+            pid = ckpt.worker_pid
+            assert pid is not None
+            await anyio.sleep(0.3)
+            os.kill(pid, signal.SIGKILL)
+    assert info.value.step == 0
+    assert pid not in daemon_pids()
+
+
+PREEMPTED_SLOW = """
+import asyncio, signal, sys, torch, aiodcp
+def final_save():
+    raise RuntimeError("final save bug")
+async def main():
+    state = {f"t{i}": torch.full((1000,), float(i)) for i in range(8)}
+    async with aiodcp.AsyncCheckpointer(sys.argv[1]) as ckpt:
+        ckpt.handle_signals(signal.SIGTERM, grace=1, final_save=final_save)
+        await ckpt.save(state, step=0)  # 8 writes of 3 s each: far longer than the grace
+        print(ckpt.worker_pid, flush=True)
+        while True:  # training
+            await asyncio.sleep(0.01)
+asyncio.run(main())
+"""
+
+
+async def test_preemption_grace_bounds_the_exit_and_a_failing_final_save_is_logged(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM with grace=1 while a save needs ~24 s more, and a final_save that raises:
+    the error is logged, the grace runs out, the in-flight save is cancelled (never
+    published) and the trainer still exits 128+15, within seconds."""
+    monkeypatch.setenv("AIODCP_TEST_SLOW_WRITE", "3")
+    proc = await anyio.open_process(
+        [sys.executable, "-c", PREEMPTED_SLOW, str(root)],
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    async with proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        with anyio.fail_after(60):
+            daemon = int((await proc.stdout.receive()).split()[0])
+        t0 = time.perf_counter()
+        os.killpg(proc.pid, signal.SIGTERM)
+        with anyio.fail_after(60):
+            code = await proc.wait()
+        elapsed = time.perf_counter() - t0
+        err = b""
+        async for chunk in proc.stderr:
+            err += chunk
+    text = err.decode()
+    assert code == 128 + signal.SIGTERM, text[-3000:]
+    assert elapsed < 15, elapsed  # grace 1 s + a bounded shutdown, not the 24 s persist
+    assert "final checkpoint on signal 15 failed" in text and "final save bug" in text
+    assert "grace period of 1s ran out" in text, text[-3000:]
+    assert not (root / "step_0").exists()
+    assert daemon not in daemon_pids()
+
+
+SITECUSTOMIZE = """
+import os, sys
+if "AIODCP_PACKAGE_PARENT" in os.environ:  # only in aiodcp's daemon
+    class _Fail:
+        def find_spec(self, name, path=None, target=None):
+            if name == "aiodcp._persist":
+                raise RuntimeError("injected start-up failure")
+            return None
+    sys.meta_path.insert(0, _Fail())
+"""
+
+
+async def test_a_daemon_that_fails_to_start_raises_with_its_traceback(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon raises while it starts (an import fails in it): entering the block
+    raises CheckpointError naming the daemon's error in one line, at once, with the
+    daemon's traceback on the exception (it used to go to the trainer's stderr only)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), *sys.path]))
+    t0 = time.perf_counter()
+    with pytest.raises(aiodcp.CheckpointError) as info:
+        async with aiodcp.AsyncCheckpointer(root, init_timeout=60):
+            pass
+    text = str(info.value)
+    assert time.perf_counter() - t0 < 30 and "start-up" in text, text
+    assert "injected start-up failure" in text and len(text.splitlines()) == 1, text
+    tb = getattr(info.value, "remote_traceback", "")
+    assert "Traceback" in tb and "injected start-up failure" in tb, tb
+
+
+FORKING_PARENT = """
+import asyncio, os, sys, time, torch, aiodcp
+async def main():
+    async with aiodcp.AsyncCheckpointer(sys.argv[1]) as ckpt:
+        await (await ckpt.save({"x": torch.ones(10)}))
+        child = os.fork()
+        if child == 0:  # keeps every descriptor the trainer had: the daemon's channel too
+            time.sleep(60)
+            os._exit(0)
+        print(ckpt.worker_pid, child, flush=True)
+        await asyncio.sleep(60)
+asyncio.run(main())
+"""
+
+
+async def test_daemon_exits_when_its_parent_changes_while_the_channel_stays_open(
+    root: Path,
+) -> None:
+    """The trainer is SIGKILLed while a forked child of it keeps the channel open (no end
+    of file for the daemon): the daemon sees its parent change and exits within seconds."""
+    proc = await anyio.open_process([sys.executable, "-c", FORKING_PARENT, str(root)])
+    async with proc:
+        assert proc.stdout is not None
+        line = b""
+        with anyio.fail_after(60):
+            async for chunk in proc.stdout:
+                line += chunk
+                if b"\n" in line:
+                    break
+        daemon, child = map(int, line.split())
+        try:
+            assert daemon in daemon_pids()
+            proc.kill()
+            await proc.wait()
+            t0 = time.perf_counter()
+            while daemon in daemon_pids():
+                assert time.perf_counter() - t0 < 10, "daemon outlived its parent by 10 s"
+                await anyio.sleep(0.05)
+            assert child_alive(child)  # the channel was open all along
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+
+
+def child_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -24,7 +24,8 @@ ROOMS: dict[str, str] = {
     "_storage": "disk", "_manifest": "disk", "_retention": "disk", "_safe": "disk",
     "_store": "disk", "_roots": "disk", "_store_s3": "disk",
     # tools, and what everything shares
-    "_cli": "tools", "_cli_remote": "tools", "_bench": "tools", "_bench_train": "tools", "__main__": "tools",
+    "_cli": "tools", "_cli_remote": "tools", "_bench": "tools", "_bench_train": "tools",
+    "__main__": "tools",
     "_errors": "shared", "__init__": "public",
 }  # fmt: skip
 

@@ -116,3 +116,36 @@ def test_the_daemons_stop_state_moves_once_and_the_first_reason_wins() -> None:
     halted = Stopping()
     halted.enter(Stop.HALT, "parent process is gone")
     assert halted.dying and halted.reason == "parent process is gone"
+
+
+FIRST_SAVE = """
+import asyncio, sys, tempfile, time, torch, aiodcp
+async def main():
+    state = {f"t{i}": torch.randn(16) for i in range(3000)}
+    lag = [0.0]
+    async def ticker():
+        while True:
+            t = time.perf_counter()
+            await asyncio.sleep(0.001)
+            lag[0] = max(lag[0], time.perf_counter() - t - 0.001)
+    async with aiodcp.AsyncCheckpointer(tempfile.mkdtemp()) as ckpt:
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0.05)
+        lag[0] = 0.0
+        await (await ckpt.save(state, step=0))
+        task.cancel()
+    print(f"{lag[0]:.4f} {'torch.distributed.tensor' in sys.modules}")
+asyncio.run(main())
+"""
+
+
+@pytest.mark.serial
+def test_the_first_save_keeps_the_loop_free() -> None:
+    """The first save without prepare() (3,000 small tensors) keeps the loop as free as the
+    later ones: it used to import torch.distributed.tensor in its copy (~2 s, holding the
+    loop's thread for ~450 ms); a program that uses no DTensor never imports it now."""
+    proc = run_script(FIRST_SAVE, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lag, imported = proc.stdout.split()
+    assert imported == "False"
+    assert float(lag) < 0.15, f"first save held the loop {float(lag) * 1e3:.0f} ms"

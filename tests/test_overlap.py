@@ -132,6 +132,7 @@ def snapshot(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, An
 
 # ------------------------------------------------------------------ tests
 @pytest.mark.asyncio
+@pytest.mark.serial
 async def test_overlapped_save_returns_before_the_copy_and_commits_the_values_at_save(
     root: Path,
 ) -> None:
@@ -308,3 +309,23 @@ async def test_a_guarded_step_hands_the_staged_save_to_the_daemon_without_the_lo
         result = await handle
         assert result.step == 7 and not result.recovered
         assert_tree_equal(await load_tree(ckpt, want, 7), want)
+
+
+@pytest.mark.asyncio
+async def test_guard_remove_takes_its_hooks_off(root: Path) -> None:
+    """guard.remove(): the optimizer and the module are unhooked -- a step or a
+    load_state_dict while a copy is pending is neither refused (strict) nor waited for."""
+    model, opt = linear_and_adamw()
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:
+        guard = ckpt.guard(opt, model, strict=True)
+        assert opt._optimizer_step_pre_hooks and model._load_state_dict_pre_hooks
+        backward(model)
+        handle = await ckpt.save({"model": model, "optim": opt}, step=0, overlap=True)
+        with pytest.raises(RuntimeError, match="still staging"):
+            opt.step()  # hooked: refused while the copy is pending
+        guard.remove()
+        assert not opt._optimizer_step_pre_hooks and not model._load_state_dict_pre_hooks
+        opt.step()  # unhooked: no refusal (whether or not the copy is still pending)
+        model.load_state_dict(model.state_dict())
+        assert guard.waits == 1
+        await handle

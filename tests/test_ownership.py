@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import aiodcp
-from aiodcp import CheckpointCancelledError, CheckpointExistsError
+from aiodcp import CheckpointCancelledError, CheckpointExistsError, _generation
 
 from .conftest import run_script
 
@@ -81,21 +82,41 @@ async def test_an_error_in_our_own_task_never_hangs_close(root: Path) -> None:
 
 
 @pytest.mark.asyncio
-async def test_a_busy_loop_delays_replies_but_never_mutes_the_daemon(root: Path) -> None:
-    """obs 3: 10,000 tensors, then the loop is blocked 3 s by synchronous training while
-    the daemon replies: the handle still resolves once the loop is back."""
-    state = {f"t{i}": torch.full((16,), float(i)) for i in range(10_000)}
+@pytest.mark.serial
+async def test_a_busy_loop_delays_replies_but_never_mutes_the_daemon(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """obs 3: the loop is blocked by synchronous training while the daemon persists and
+    reports progress (about 20 frames): its socket fills (its send buffer is shrunk to
+    the kernel's minimum, about 6 frames, as a long block would fill the default one), so
+    it waits there -- it cannot commit meanwhile -- and once the loop is back the save
+    commits and the handle resolves. A daemon that dropped frames instead would commit
+    while the loop is blocked and lose its reply."""
+    real_socketpair = socket.socketpair
+
+    def small_buffer_socketpair(*args: object) -> tuple[socket.socket, socket.socket]:
+        parent, child = real_socketpair(*args)  # type: ignore[arg-type]
+        child.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the daemon's end
+        return parent, child
+
+    monkeypatch.setattr(_generation.socket, "socketpair", small_buffer_socketpair)
+    monkeypatch.setenv("AIODCP_TEST_SLOW_WRITE", "0.1")  # 20 writes: about 20 progress frames
+    state = {f"t{i}": torch.full((1000,), float(i)) for i in range(20)}
     async with aiodcp.AsyncCheckpointer(root) as ckpt:
         handle = await ckpt.save(state)
-        await anyio.sleep(0.2)
-        # Synchronous training: the loop does not run while the daemon commits and replies.
-        deadline = time.monotonic() + 60
+        # Synchronous training: the loop does not run for 6 s (3x the writes' sleeps)
+        deadline = time.monotonic() + 6
         while not (root / "step_0").exists() and time.monotonic() < deadline:
             time.sleep(0.01)  # noqa: ASYNC251
-        time.sleep(3)  # noqa: ASYNC251
-        with anyio.fail_after(60):
+        committed_while_blocked = (root / "step_0").exists()
+        time.sleep(0.5)  # noqa: ASYNC251  (a dropping daemon drops its reply here)
+        with anyio.fail_after(15):
             result = await handle
-        assert result.step == 0
+        assert result.step == 0 and await ckpt.steps() == [0]
+        assert not committed_while_blocked  # it waited in its full socket
+        out = {k: torch.empty_like(v) for k, v in state.items()}
+        await aiodcp.load(out, root)
+        assert all(torch.equal(out[k], state[k]) for k in state)
 
 
 @pytest.mark.asyncio
@@ -110,6 +131,7 @@ async def test_a_step_already_in_flight_leaks_no_slot(root: Path) -> None:
         assert not (await second).skipped and not (await first).skipped
 
 
+@pytest.mark.serial
 def test_persisting_starts_when_save_returns(root: Path) -> None:
     """obs 7: after `await save()` the caller runs synchronous code without yielding;
     the daemon commits meanwhile (the step is on disk before the loop runs again)."""

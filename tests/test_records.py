@@ -109,6 +109,26 @@ def test_after_the_first_record_of_a_kind_torch_save_is_not_called(
     assert torch.load(io.BytesIO(records[-1]), weights_only=True)[0] == 999.0
 
 
+def test_templated_records_need_no_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain install has no numpy (torch does not depend on it): a record from a
+    template writes the storage's bytes without ``Tensor.numpy``."""
+
+    def no_numpy(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("Numpy is not available")
+
+    monkeypatch.setattr(torch.Tensor, "numpy", no_numpy)
+
+    def both() -> list[bytes]:
+        kind = (7, 3)  # a shape of its own: the first record learns, the second uses it
+        return [_record(torch.full(kind, float(i))) for i in range(2)] + [
+            _saved(torch.full(kind, 1.0))
+        ]
+
+    _, second, expected = _in_writer_thread(both)
+    assert second == expected
+    assert torch.equal(torch.load(io.BytesIO(second), weights_only=True), torch.full((7, 3), 1.0))
+
+
 def test_with_crc_on_or_an_unusual_tensor_torch_save_does_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -123,6 +123,13 @@ async def main(root):
     async with aiodcp.AsyncCheckpointer(root) as ckpt:
         result = await (await ckpt.save(state(7.0)))
         got = state(0.0)
+        try:  # a script's own class is not among the types reading admits by default
+            await ckpt.load(got)
+            raise AssertionError("a __main__ class was unpickled without the opt-in")
+        except aiodcp.CheckpointError as exc:
+            assert "weights_only" in str(exc), exc
+        torch.serialization.add_safe_globals([Opts])  # the documented way to admit it
+        got = state(0.0)
         await ckpt.load(got)
     assert type(got["cfg"]) is Config and got["cfg"]["opts"] == Opts(7.0, "x"), got
     assert got["opts"][0] == Opts(7.0, "y") and got["cfg"]["depth"] == 7, got
@@ -271,6 +278,10 @@ def _survivors(root: Path) -> list[str]:
     return sorted(n for n in kept if (root / n).is_file() or (root / n / "data").read_text())
 
 
+def _writing(root: Path) -> bool:
+    return any(n.startswith(".tmp-step_0-") for n in os.listdir(root))
+
+
 @pytest.mark.asyncio
 async def test_foreign_dot_entries_survive_open_close_and_gc(
     root: Path, monkeypatch: pytest.MonkeyPatch
@@ -280,13 +291,15 @@ async def test_foreign_dot_entries_survive_open_close_and_gc(
     await anyio.to_thread.run_sync(_foreign, root)
     own = await anyio.to_thread.run_sync(_own, root)
     everything = sorted(FOREIGN_DIRS + FOREIGN_FILES)
-    monkeypatch.setenv("AIODCP_TEST_SLOW_WRITE", "0.15")
+    monkeypatch.setenv("AIODCP_TEST_SLOW_WRITE", "2.0")  # seconds per item written
     async with aiodcp.AsyncCheckpointer(root) as ckpt:
         names = await anyio.to_thread.run_sync(os.listdir, root)
         assert not set(own) & set(names)  # removed at open
         assert await anyio.to_thread.run_sync(_survivors, root) == everything
         handle = await ckpt.save(_state())
-        await anyio.sleep(0.3)
+        with anyio.fail_after(30):  # the daemon is writing: its temporary directory is there
+            while not await anyio.to_thread.run_sync(_writing, root):  # noqa: ASYNC110
+                await anyio.sleep(0.02)
         pid = ckpt.worker_pid
         assert pid is not None
         os.kill(pid, signal.SIGKILL)  # leaves its temporary directory behind

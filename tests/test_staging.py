@@ -135,12 +135,17 @@ def test_daemon_mapping_is_released_at_once_without_the_gc() -> None:
 
 
 def test_staged_copy_is_independent_of_later_mutation() -> None:
-    t = torch.zeros(1000)
-    flat = flatten({"t": t})
+    """The arena holds the values at stage() (non-zero: a fresh arena is zero-filled),
+    not a view of the source."""
+    t = torch.arange(1.0, 1001.0)
+    u = torch.full((3, 5), -2.5, dtype=torch.float64)
+    flat = flatten({"t": t, "u": u})
     arena = Arena(flat.layout)
     arena.stage(flat)
     t.add_(1)
-    assert torch.equal(arena.views[0], torch.zeros(1000))
+    u.zero_()
+    assert torch.equal(arena.views[0], torch.arange(1.0, 1001.0))
+    assert torch.equal(arena.views[1], torch.full((3, 5), -2.5, dtype=torch.float64))
     arena.close()
 
 
@@ -237,6 +242,7 @@ def test_flatten_leaves_no_object_per_tensor_for_the_garbage_collector() -> None
     assert same == flat.layout and other != flat.layout
 
 
+@pytest.mark.serial
 def test_a_large_skeleton_pickles_in_pieces_other_threads_can_run_between() -> None:
     """A plain 200,000-entry dict pickles in one C call that keeps every other thread
     (the event loop's) off the GIL; the skeleton's large containers pickle item by item

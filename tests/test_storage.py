@@ -59,9 +59,11 @@ def test_commit_refuses_existing_step_unless_overwrite(tmp_path: Path) -> None:
     out = {"x": torch.zeros(4)}
     dcp.load(out, checkpoint_id=tmp_path / "step_1", no_dist=True)
     assert torch.equal(out["x"], torch.full((4,), 2.0))
-    assert (
-        not tmp.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".t")] == []
-    )
+    # the old step waits in the trash until no reader holds step 1, then goes
+    dotted = [p.name for p in tmp_path.iterdir() if p.name.startswith(".t")]
+    assert not tmp.exists() and len(dotted) == 1 and dotted[0].startswith(".trash-step_1-")
+    assert len(_retention.remove_unheld_trash(tmp_path)) == 1
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".t")] == []
 
 
 def test_commit_refuses_a_directory_without_metadata(tmp_path: Path) -> None:
@@ -76,7 +78,7 @@ def test_cleanup_removes_leftovers_and_keeps_committed(tmp_path: Path) -> None:
     s.commit(tmp_path, _write_tmp(tmp_path, 1), 1, overwrite=False)
     _write_tmp(tmp_path, 2)
     (tmp_path / f".trash-step_0-{s.new_token()}").mkdir()
-    removed = s.cleanup_leftovers(tmp_path)
+    removed = _retention.cleanup_leftovers(tmp_path)
     assert len(removed) == 2
     assert s.list_steps(tmp_path) == [1]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".commits", "latest", "step_1"]
@@ -197,4 +199,4 @@ def test_reconcile_after_a_kill_at_each_commit_step(tmp_path: Path, point: str) 
     steps = s.list_steps(tmp_path)
     assert s.read_commits(tmp_path, 0) == (steps, 2 * len(steps))
     assert (tmp_path / "latest").read_text().strip() == str(steps[-1])
-    assert len(s.cleanup_leftovers(tmp_path)) == (0 if renamed else 1)
+    assert len(_retention.cleanup_leftovers(tmp_path)) == (0 if renamed else 1)
