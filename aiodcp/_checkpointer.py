@@ -329,9 +329,18 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
         assert isinstance(self.root, Path)
         if self.root.exists() and not self.root.is_dir():
             raise CheckpointError(f"checkpoint root {self.root} exists and is not a directory")
-        self.root.mkdir(parents=True, exist_ok=True)
-        if not os.access(self.root, os.W_OK):
-            raise CheckpointError(f"checkpoint root {self.root} is not writable")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a read-only mount, no permission, a full disk
+            raise CheckpointError(
+                f"cannot create checkpoint root {self.root}: {exc.strerror or exc}; "
+                "choose a writable directory"
+            ) from None
+        if not os.access(self.root, os.W_OK) or os.statvfs(self.root).f_flag & os.ST_RDONLY:
+            raise CheckpointError(
+                f"checkpoint root {self.root} is not writable (read-only mount or "
+                "permissions); choose a writable directory"
+            )
         if self.rank == 0:
             lock = _storage.WriterLock(self.root)
             lock.acquire()

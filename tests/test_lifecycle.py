@@ -4,7 +4,10 @@ without aclose(), options that cannot hold with several ranks."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -149,3 +152,30 @@ def test_the_first_save_keeps_the_loop_free() -> None:
     lag, imported = proc.stdout.split()
     assert imported == "False"
     assert float(lag) < 0.15, f"first save held the loop {float(lag) * 1e3:.0f} ms"
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path) -> Iterator[Path]:
+    """A read-only tmpfs mount (needs root, as CI and this machine have)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a read-only tmpfs")
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    (mnt / "existing").mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    (mnt / "existing").mkdir()
+    subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.asyncio
+async def test_a_root_on_a_read_only_mount_is_a_clear_error(read_only_dir: Path) -> None:
+    """A new root on a read-only mount, and an existing directory there, fail at open with a
+    CheckpointError that says so (a new one used to raise a raw OSError)."""
+    for root in (read_only_dir / "new" / "ck", read_only_dir / "existing"):
+        with pytest.raises(aiodcp.CheckpointError, match="choose a writable directory"):
+            async with aiodcp.AsyncCheckpointer(root):
+                pass
