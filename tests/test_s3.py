@@ -418,6 +418,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 async def test_two_ranks_upload_their_own_files_and_commit_once(
     s3: SimpleNamespace, tmp_path: Path
@@ -456,6 +457,8 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(240)
 async def test_trainer_killed_mid_upload_its_daemon_exits_and_nothing_is_visible(
     s3: SimpleNamespace, tmp_path: Path
 ) -> None:
@@ -519,6 +522,8 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(240)
 async def test_two_ranks_a_stuck_upload_on_one_fails_the_save_on_both(
     s3: SimpleNamespace, tmp_path: Path
 ) -> None:
