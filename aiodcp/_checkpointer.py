@@ -374,7 +374,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
             keep_last=self.keep_last,
             keep_every=self.keep_every,
             log_level=logging.getLogger("aiodcp").getEffectiveLevel(),
-            storage_options=self.store.options.to_json() if self.store.remote else None,  # type: ignore[attr-defined]
+            storage_options=self.store.daemon_options(),
         )
 
     async def __aexit__(
@@ -385,7 +385,8 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
     ) -> bool | None:
         if self._state in ("closing", "closed"):
             return None  # aclose() twice is harmless
-        assert self._tg is not None and self._daemons is not None
+        if self._state == "new" or self._tg is None or self._daemons is None:
+            raise RuntimeError(f"this AsyncCheckpointer was never opened (it is {self._state})")
         preempted = False
         if self._body_scope is not None:
             scope, self._body_scope = self._body_scope, None
@@ -479,6 +480,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
         logged (strict: raised from the hooked call). Returns a
         :class:`Guard`; ``guard.remove()`` takes the hooks off.
         """
+        self._check_open()
         guard = Guard(
             objects,
             lambda: list(self._inflight),
@@ -496,6 +498,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
         Raises the first failure no one has retrieved yet (by awaiting its
         handle or an earlier ``wait()``); cancelling ``wait()`` cancels no save.
         """
+        self._check_open()
         while self._inflight:
             await next(iter(self._inflight))._settled.wait()
         failures = [h for h in self._unobserved if not h._observed]
@@ -508,6 +511,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
 
     async def steps(self) -> list[int]:
         """Committed steps under ``root``, ascending."""
+        self._check_open()
         return await anyio.to_thread.run_sync(self.store.list_steps)
 
     async def load(

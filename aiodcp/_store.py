@@ -67,6 +67,10 @@ class Store:
         return -1 if latest is None else latest
 
     # ---------------------------------------------------------------- writing
+    def daemon_options(self) -> dict[str, Any] | None:
+        """What the daemon needs to open the same store (never a credential)."""
+        return None
+
     def open_writer(self, rank: int) -> None:
         """Check the root is usable for writing; rank 0 takes the writer's lock and sweeps
         what interrupted saves left."""

@@ -291,6 +291,9 @@ class S3Store(Store):
                 return max(taken, default=-1)
             kw["ContinuationToken"] = resp.get("NextContinuationToken")
 
+    def daemon_options(self) -> dict[str, Any]:
+        return self.options.to_json()
+
     def step_path(self, step: int) -> str:
         return self.url(self._step_prefix(step).rstrip("/"))
 

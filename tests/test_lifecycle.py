@@ -179,3 +179,15 @@ async def test_a_root_on_a_read_only_mount_is_a_clear_error(read_only_dir: Path)
         with pytest.raises(aiodcp.CheckpointError, match="choose a writable directory"):
             async with aiodcp.AsyncCheckpointer(root):
                 pass
+
+
+@pytest.mark.asyncio
+async def test_an_unopened_checkpointer_says_so(root: Path) -> None:
+    """steps(), wait(), guard() and aclose() on a checkpointer never opened raise a clear
+    RuntimeError (they used to succeed silently, or raise a bare AssertionError)."""
+    ckpt = aiodcp.AsyncCheckpointer(root)
+    for call in (ckpt.steps, ckpt.wait, ckpt.aclose):
+        with pytest.raises(RuntimeError, match=r"(not open|never opened)"):
+            await call()
+    with pytest.raises(RuntimeError, match="not open"):
+        ckpt.guard(torch.nn.Linear(1, 1))
