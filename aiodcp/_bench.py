@@ -321,8 +321,8 @@ async def _memory(state: Any, saves: int, root: Path) -> str:
 
     nbytes = sum(t.nbytes for t in tensors_of(state))
     async with aiodcp.AsyncCheckpointer(root, keep_last=2) as ckpt:
-        assert ckpt.worker_pid is not None
-        pids = (os.getpid(), ckpt.worker_pid)
+        assert ckpt.daemon_pid is not None
+        pids = (os.getpid(), ckpt.daemon_pid)
         before = sum(map(_pss, pids))
         await (await ckpt.save(state))
         after_one = sum(map(_pss, pids)) - before

@@ -150,7 +150,7 @@ class _Ours(_Saver):
         await self.ckpt.wait()
 
     def helper_cpu(self) -> float | None:
-        pid = self.ckpt.worker_pid
+        pid = self.ckpt.daemon_pid
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()

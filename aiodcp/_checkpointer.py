@@ -37,8 +37,10 @@ from ._load import load_checkpoint
 from ._outcomes import Outcomes, latest_on_disk
 from ._preempt import Preemption
 from ._publish import Publishing
+from ._roots import open_store
 from ._saving import Saving
 from ._slots import SlotPool
+from ._store import LocalStore
 from ._supervisor import Supervisor
 from ._watch import watch
 
@@ -90,6 +92,9 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption, Publishing):
             taken from training; the price is that a reader right after the
             save reads from disk, not from memory.
         on_event: called on the event loop with each :class:`SaveEvent`.
+        storage_options: for an ``s3://bucket/prefix`` root: ``endpoint_url``,
+            ``region_name``, retry, timeout and multipart settings (see the README,
+            "Object storage"); credentials come from the standard environment.
     """
 
     def __init__(
@@ -111,6 +116,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption, Publishing):
         daemon_niceness: int = 0,
         direct_io: bool = True,
         on_event: Callable[[SaveEvent], None] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(max_inflight, int) or max_inflight < 1:
             raise ValueError(f"max_inflight must be an int >= 1, got {max_inflight!r}")
@@ -127,7 +133,11 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption, Publishing):
         ):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
-        self.root = Path(root).absolute()
+        # parsed once, here: an unsupported scheme is refused, never a local directory
+        self.store = open_store(root, storage_options)
+        self.root: Path | str = (
+            self.store.root if isinstance(self.store, LocalStore) else str(self.store)
+        )
         self._process_group = process_group
         self.init_timeout = float(init_timeout)
         self.shutdown_timeout = float(shutdown_timeout)
@@ -176,10 +186,15 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption, Publishing):
 
     # ------------------------------------------------------------- lifecycle
     @property
-    def worker_pid(self) -> int | None:
+    def daemon_pid(self) -> int | None:
         """The daemon's pid, or None when no daemon is serving."""
         gen = self._daemons.current if self._daemons is not None else None
         return gen.pid if gen is not None and gen.alive else None
+
+    @property
+    def worker_pid(self) -> int | None:
+        """:attr:`daemon_pid`, by its older name."""
+        return self.daemon_pid
 
     @property
     def rank(self) -> int:
@@ -274,7 +289,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption, Publishing):
         assert self._tg is not None and self._group is not None
         self._daemons = Supervisor(
             self._tg,
-            self.root,
+            self.store,
             self._group,
             self._daemon_config,
             init_timeout=self.init_timeout,
@@ -309,11 +324,25 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption, Publishing):
             await self._tg.__aexit__(None, None, None)
 
     def _prepare_root(self) -> None:
+        if self.store.remote:
+            self.store.open_writer(self.rank)
+            self._high_step = max(self._high_step, latest_on_disk(self.store, self.rank))
+            return
+        assert isinstance(self.root, Path)
         if self.root.exists() and not self.root.is_dir():
             raise CheckpointError(f"checkpoint root {self.root} exists and is not a directory")
-        self.root.mkdir(parents=True, exist_ok=True)
-        if not os.access(self.root, os.W_OK):
-            raise CheckpointError(f"checkpoint root {self.root} is not writable")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a read-only mount, no permission, a full disk
+            raise CheckpointError(
+                f"cannot create checkpoint root {self.root}: {exc.strerror or exc}; "
+                "choose a writable directory"
+            ) from None
+        if not os.access(self.root, os.W_OK) or os.statvfs(self.root).f_flag & os.ST_RDONLY:
+            raise CheckpointError(
+                f"checkpoint root {self.root} is not writable (read-only mount or "
+                "permissions); choose a writable directory"
+            )
         if self.rank == 0:
             lock = _storage.WriterLock(self.root)
             lock.acquire()
@@ -324,7 +353,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption, Publishing):
             appended = _storage.reconcile(self.root)  # the directories are the truth
             if appended:
                 log.warning("steps %s were committed but not logged; logged them now", appended)
-        self._high_step = max(self._high_step, latest_on_disk(self.root, self.rank))
+        self._high_step = max(self._high_step, latest_on_disk(self.store, self.rank))
 
     def _daemon_config(self, rdv: Rendezvous | None) -> p.DaemonConfig:
         group = self._group
@@ -347,6 +376,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption, Publishing):
             keep_last=self.keep_last,
             keep_every=self.keep_every,
             log_level=logging.getLogger("aiodcp").getEffectiveLevel(),
+            storage_options=self.store.daemon_options(),
         )
 
     async def __aexit__(
@@ -357,7 +387,8 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption, Publishing):
     ) -> bool | None:
         if self._state in ("closing", "closed"):
             return None  # aclose() twice is harmless
-        assert self._tg is not None and self._daemons is not None
+        if self._state == "new" or self._tg is None or self._daemons is None:
+            raise RuntimeError(f"this AsyncCheckpointer was never opened (it is {self._state})")
         preempted = False
         if self._body_scope is not None:
             scope, self._body_scope = self._body_scope, None
@@ -400,7 +431,10 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption, Publishing):
         def close() -> None:
             for slot in self._slots.slots:
                 slot.close()
+            if self.store.remote and self.rank == 0:
+                self.store.close_writer()
             if self._lock is not None:
+                assert isinstance(self.root, Path)
                 # no daemon runs now: whatever temporaries are left are litter
                 _retention.cleanup_leftovers(self.root)
                 self._lock.release()
@@ -448,6 +482,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption, Publishing):
         logged (strict: raised from the hooked call). Returns a
         :class:`Guard`; ``guard.remove()`` takes the hooks off.
         """
+        self._check_open()
         guard = Guard(
             objects,
             lambda: list(self._inflight),
@@ -465,6 +500,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption, Publishing):
         Raises the first failure no one has retrieved yet (by awaiting its
         handle or an earlier ``wait()``); cancelling ``wait()`` cancels no save.
         """
+        self._check_open()
         while self._inflight:
             await next(iter(self._inflight))._settled.wait()
         failures = [h for h in self._unobserved if not h._observed]
@@ -477,7 +513,8 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption, Publishing):
 
     async def steps(self) -> list[int]:
         """Committed steps under ``root``, ascending."""
-        return await anyio.to_thread.run_sync(_storage.list_steps, self.root)
+        self._check_open()
+        return await anyio.to_thread.run_sync(self.store.list_steps)
 
     async def load(
         self,
@@ -497,7 +534,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption, Publishing):
         self._check_open()
         return await load_checkpoint(
             state_dict,
-            self.root,
+            self.store,
             step=step,
             group=self._group,
             verify=verify,
@@ -509,4 +546,4 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption, Publishing):
         self, *, include_latest: bool = False, poll_interval: float = 0.5
     ) -> AsyncIterator[int]:
         """``aiodcp.watch`` on this checkpointer's root."""
-        return watch(self.root, include_latest=include_latest, poll_interval=poll_interval)
+        return watch(self.store, include_latest=include_latest, poll_interval=poll_interval)

@@ -54,12 +54,45 @@ def _checkpoint_root(arg: str) -> Path:
     return root
 
 
+def _store(root: str) -> Any:
+    """The root's store, parsed once (an unsupported URL is an error, never a local path);
+    None after printing why it cannot be opened."""
+    from ._roots import open_store
+
+    try:
+        return open_store(root)
+    except (ValueError, ImportError) as exc:
+        print(f"aiodcp: {exc}", file=sys.stderr)
+        return None
+
+
+def _remote(args: argparse.Namespace) -> int | None:
+    """An object-store root's command (:mod:`aiodcp._cli_remote`); None for a local root."""
+    store = _store(args.root)
+    if store is None:
+        return 1
+    if not store.remote:
+        return None
+    from . import _cli_remote
+
+    try:
+        if args.cmd == "inspect":
+            return _show_metadata(args, *_cli_remote.metadata(store, args.step))
+        code: int = getattr(_cli_remote, args.cmd)(store, args)
+    except CheckpointError as exc:
+        print(f"aiodcp: {exc}", file=sys.stderr)
+        return 1
+    return code
+
+
 def _committed_step(root: Path, step: int) -> None:
     if not _storage.is_committed(root, step):
         raise _Usage(f"step {step} is not committed in {root}")
 
 
 def _ls(args: argparse.Namespace) -> int:
+    if (code := _remote(args)) is not None:
+        return code
     root = _checkpoint_root(args.root)
     steps = _storage.list_steps(root)
     latest = steps[-1] if steps else None
@@ -104,6 +137,8 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    if (code := _remote(args)) is not None:
+        return code
     root = _checkpoint_root(args.root)
     try:
         step = args.step if args.step is not None else _storage.read_latest(root)
@@ -114,6 +149,10 @@ def _inspect(args: argparse.Namespace) -> int:
     except CheckpointError as exc:
         print(f"aiodcp: {exc}", file=sys.stderr)
         return 1
+    return _show_metadata(args, step, str(_storage.step_dir(root, step)), metadata)
+
+
+def _show_metadata(args: argparse.Namespace, step: int, where: str, metadata: Any) -> int:
     rows: list[dict[str, Any]] = []
     for fqn, meta in sorted(metadata.state_dict_metadata.items()):
         props = getattr(meta, "properties", None)
@@ -138,7 +177,7 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"step": step, "entries": rows}, indent=2))
         return 0
-    print(f"step {step} ({_storage.step_dir(root, step)})")
+    print(f"step {step} ({where})")
     for r in rows:
         if r["kind"] == "object":
             print(f"  {r['key']:<40} python object")
@@ -154,6 +193,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     """Check steps against their manifests (sizes and xxh3_64): 0 all good, 1 a mismatch."""
+    if (code := _remote(args)) is not None:
+        return code
     root = _checkpoint_root(args.root)
     if args.step is not None:
         _committed_step(root, args.step)
@@ -295,6 +336,8 @@ async def _demo_loop(root: str, steps: int, every: int, *, keep: bool) -> int:
 
 
 def _gc(args: argparse.Namespace) -> int:
+    if (code := _remote(args)) is not None:
+        return code
     root = _checkpoint_root(args.root)
     if args.dry_run:  # reads only: no lock taken, nothing created
         for p in sorted(root.iterdir()):

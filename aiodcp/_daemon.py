@@ -45,6 +45,7 @@ from ._arena import MappedArena, read_fd
 from ._errors import ProtocolError
 from ._persist import Persisting, Request, Stop, Stopping
 from ._protocol import DaemonConfig as Config
+from ._roots import open_store
 from ._staging import MeshSpec
 
 log = logging.getLogger("aiodcp.daemon")
@@ -76,7 +77,9 @@ class Daemon(Persisting):
     def __init__(self, sock: socket.socket, cfg: Config) -> None:
         self.sock = sock
         self.cfg = cfg
-        self.root = Path(cfg.root)
+        # the daemon's own store (and, for an object store, its own client: after spawn)
+        self.store = open_store(cfg.root, cfg.storage_options)
+        self.root = self.store.spool_root
         self.conn = p.Connection(p.Role.DAEMON)
         self.conn_lock = threading.Lock()  # guards conn (both directions)
         self.send_lock = threading.Lock()  # one frame at a time on the socket

@@ -9,6 +9,7 @@ __all__ = [
     "CheckpointExistsError",
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
+    "DaemonDiedError",
     "ProtocolError",
     "PublisherGoneError",
     "SaveFailedError",
@@ -20,7 +21,7 @@ class CheckpointError(Exception):
     """Base class of every error aiodcp raises about a checkpoint or its daemon."""
 
 
-class WorkerDiedError(CheckpointError):
+class DaemonDiedError(CheckpointError):
     """The checkpoint daemon is gone (crashed, killed, or its channel broke).
 
     ``returncode`` is the daemon's exit status as :mod:`subprocess` reports it
@@ -41,6 +42,10 @@ class WorkerDiedError(CheckpointError):
         self.returncode = returncode
         self.step = step
         self.remote_traceback = remote_traceback
+
+
+WorkerDiedError = DaemonDiedError
+"""The same class, by its older name (the daemon was once called the worker)."""
 
 
 class SaveFailedError(CheckpointError):

@@ -48,7 +48,7 @@ import anyio
 import anyio.abc
 
 from . import _protocol as p
-from ._errors import CheckpointError, ProtocolError, WorkerDiedError
+from ._errors import CheckpointError, DaemonDiedError, ProtocolError
 
 log = logging.getLogger("aiodcp")
 _daemon_log = logging.getLogger("aiodcp.daemon")
@@ -70,6 +70,7 @@ BOOTSTRAP = (
     "    import traceback; os.write(fd, traceback.format_exc()[-65536:].encode()); raise\n"
     "sys.exit(code)"
 )
+
 
 def _read_all(fd: int) -> str:
     """Everything in the start-up pipe (its writer has exited), then close it."""
@@ -229,7 +230,7 @@ class Generation:
             if gen.init_error is not None:
                 raise gen.init_error
             last = tb.strip().splitlines()[-1] if tb.strip() else ""
-            raise WorkerDiedError(
+            raise DaemonDiedError(
                 f"checkpoint daemon (pid {gen.pid}) {describe_exit(gen.returncode)} "
                 "during start-up" + (f": {last}" if last else ""),
                 returncode=gen.returncode,

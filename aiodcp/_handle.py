@@ -24,7 +24,7 @@ import functools
 import threading
 import time
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,7 +47,8 @@ class SaveResult:
     """What a committed (or skipped) save produced."""
 
     step: int
-    path: Path
+    path: Path | str
+    """The step's directory; for an object-store root its URL (``s3://bucket/prefix/step_N``)."""
     nbytes: int
     """Bytes of tensor data staged and written."""
     stage_seconds: float
@@ -59,6 +60,7 @@ class SaveResult:
     recovered: bool = False
     """True when the daemon died after the commit point and the outcome (committed)
     was re-read from disk rather than reported by the daemon."""
+    _store: Any = field(default=None, repr=False, compare=False)
 
     @functools.cached_property
     def metadata(self) -> Any:
@@ -77,6 +79,12 @@ class SaveResult:
             return None
         from ._safe import load_metadata
 
+        if isinstance(self.path, str):  # an object store: fetch it, then read it the same way
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="aiodcp-meta-") as tmp:
+                local = self._store.download_step(self.step, Path(tmp), names=[".metadata"])
+                return load_metadata(local, self.step)
         return load_metadata(self.path, self.step)  # only the types DCP writes there
 
 

@@ -21,6 +21,8 @@ from ._errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
 )
+from ._roots import open_store
+from ._store import LocalStore, Store
 
 __all__ = ["hold", "load", "load_checkpoint"]
 
@@ -294,7 +296,7 @@ class Held:
 
 async def load_checkpoint(
     state_dict: Mapping[str, Any],
-    root: Path,
+    root: Path | Store,
     *,
     step: int | None,
     group: Group | None,
@@ -304,6 +306,22 @@ async def load_checkpoint(
 ) -> int:
     if group is None:
         group = resolve_group(None)
+    if isinstance(root, Store) and not isinstance(root, LocalStore):
+        from ._load_remote import load_remote
+
+        return await anyio.to_thread.run_sync(
+            load_remote,
+            _load_blocking,
+            state_dict,
+            root,
+            step,
+            group,
+            verify,
+            fallback,
+            weights_only,
+        )
+    if isinstance(root, LocalStore):
+        root = root.root
     return await anyio.to_thread.run_sync(
         _load_blocking, state_dict, root, step, group, verify, fallback, weights_only
     )
@@ -318,6 +336,7 @@ async def load(
     verify: bool = False,
     fallback: bool = False,
     weights_only: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> int:
     """Load a committed checkpoint into ``state_dict`` in place, without a daemon.
 
@@ -351,10 +370,10 @@ async def load(
         CheckpointError: DCP's load failed (its error, in one line per rank); a
             non-tensor value needs a type ``weights_only=True`` does not admit.
     """
-    path = await anyio.to_thread.run_sync(_storage.abspath, root)
+    store = await anyio.to_thread.run_sync(open_store, root, storage_options)
     return await load_checkpoint(
         state_dict,
-        path,
+        store,
         step=step,
         group=resolve_group(process_group),
         verify=verify,
@@ -364,19 +383,27 @@ async def load(
 
 
 @contextlib.asynccontextmanager
-async def hold(root: str | os.PathLike[str], step: int) -> AsyncIterator[int]:
+async def hold(
+    root: str | os.PathLike[str],
+    step: int,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+) -> AsyncIterator[int]:
     """Keep ``step`` safe from retention while the block runs (a reader's lease).
 
     The lease is a file lock: it ends with the block, or with the process if it
     crashes, so a dead reader never pins a step for ever.
 
+    On an ``s3://`` root the lease is an object renewed while the block runs; one
+    whose holder died lapses after ``lease_ttl`` seconds.
+
     Raises:
         CheckpointNotFoundError: the step is not committed (or was just deleted).
     """
-    path = await anyio.to_thread.run_sync(_storage.abspath, root)
-    fd = await anyio.to_thread.run_sync(_retention.hold_step, path, step)
+    store = await anyio.to_thread.run_sync(open_store, root, storage_options)
+    lease = await anyio.to_thread.run_sync(store.hold, step)
     try:
         yield step
     finally:
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(_retention.release_hold, path, fd)
+            await anyio.to_thread.run_sync(store.release, lease)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import ClassVar, Final
+from typing import Any, ClassVar, Final
 
 __all__ = [
     "BY_KIND",
@@ -234,3 +234,5 @@ class DaemonConfig:
     keep_every: int | None = None
     niceness: int = 0
     log_level: int = 20
+    storage_options: dict[str, Any] | None = None
+    """An object-store root's options (never credentials: those come from the environment)."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any, Literal
 
 import anyio
@@ -17,17 +16,17 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from . import _protocol as p
-from . import _storage
 from ._errors import (
     CheckpointCancelledError,
     CheckpointError,
     CheckpointExistsError,
+    DaemonDiedError,
     SaveFailedError,
-    WorkerDiedError,
 )
 from ._generation import Generation, describe_exit
 from ._handle import SaveEvent, SaveHandle, SaveResult
 from ._parts import Parts
+from ._store import Store
 from ._watch import notify_commit
 
 log = logging.getLogger("aiodcp")
@@ -72,7 +71,8 @@ class Outcomes(Parts):
                     remote_type=msg.error_type,
                     remote_traceback=msg.traceback,
                 )
-            if msg.cancelled or handle._overwrite:
+            # (a step that already existed is committed, but not by this save)
+            if msg.cancelled or handle._overwrite or msg.error_type == "CheckpointExistsError":
                 self._finish(handle, None, error)
                 self._unobserved.append(handle)
             else:
@@ -82,7 +82,7 @@ class Outcomes(Parts):
                 self._spawn(self._settle_from_disk, handle, error, name="settle from disk")
 
     async def _settle_from_disk(self, handle: SaveHandle, error: CheckpointError) -> None:
-        committed = await anyio.to_thread.run_sync(_storage.is_committed, self.root, handle.step)
+        committed = await anyio.to_thread.run_sync(self.store.is_committed, handle.step)
         if committed:
             log.warning("step %d was committed although its save reported: %s", handle.step, error)
             self._committed(handle, handle._nbytes, 0.0, recovered=True)
@@ -94,11 +94,12 @@ class Outcomes(Parts):
         self._high_step = max(self._high_step, handle.step)
         result = SaveResult(
             step=handle.step,
-            path=_storage.step_dir(self.root, handle.step),
+            path=self.store.step_path(handle.step),
             nbytes=nbytes,
             stage_seconds=handle._stage_seconds,
             persist_seconds=persist,
             recovered=recovered,
+            _store=self.store,
         )
         if self._finish(handle, result, None):
             self._emit(handle, "committed", nbytes, nbytes)
@@ -154,17 +155,17 @@ class Outcomes(Parts):
     def _after_death(self, steps: list[int]) -> tuple[set[int], int]:
         """Worker thread: which of ``steps`` are committed, the highest step taken on
         disk; repair derived state."""
-        committed = {s for s in steps if _storage.is_committed(self.root, s)}
+        committed = {s for s in steps if self.store.is_committed(s)}
         if self.rank == 0:
             try:
-                _storage.reconcile(self.root)
+                self.store.reconcile()
             except OSError as exc:
                 log.warning("could not repair latest/.commits in %s: %s", self.root, exc)
-        return committed, latest_on_disk(self.root, self.rank)
+        return committed, latest_on_disk(self.store, self.rank)
 
-    def _died_error(self, gen: Generation, step: int | None) -> WorkerDiedError:
+    def _died_error(self, gen: Generation, step: int | None) -> DaemonDiedError:
         where = f" while saving step {step}" if step is not None else ""
-        return WorkerDiedError(
+        return DaemonDiedError(
             f"checkpoint daemon (pid {gen.pid}) {describe_exit(gen.returncode)}{where}; "
             "the step was not published",
             returncode=gen.returncode,
@@ -182,6 +183,6 @@ class Outcomes(Parts):
             log.exception("on_event callback failed")
 
 
-def latest_on_disk(root: Path, rank: int) -> int:
+def latest_on_disk(store: Store, rank: int) -> int:
     """The highest step taken on disk, committed or not: ``step=None`` picks a higher one."""
-    return _storage.highest_taken_step(root)
+    return store.highest_taken_step()

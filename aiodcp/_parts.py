@@ -15,11 +15,12 @@ import anyio
 import anyio.abc
 
 from ._dist import Group
-from ._errors import WorkerDiedError
+from ._errors import DaemonDiedError
 from ._generation import Generation
 from ._guard import Guard
 from ._handle import SaveEvent, SaveHandle, SaveResult
 from ._slots import SlotPool
+from ._store import Store
 from ._supervisor import Supervisor
 
 __all__ = ["Parts"]
@@ -27,7 +28,8 @@ __all__ = ["Parts"]
 
 class Parts:
     # set by AsyncCheckpointer.__init__ / open
-    root: Path
+    root: Path | str
+    store: Store
     when_busy: str
     on_event: Callable[[SaveEvent], None] | None
     _group: Group | None
@@ -69,7 +71,7 @@ class Parts:
         def _emit(self, handle: SaveHandle, phase: Any, written: int, total: int) -> None:
             raise NotImplementedError
 
-        def _died_error(self, gen: Generation, step: int | None) -> WorkerDiedError:
+        def _died_error(self, gen: Generation, step: int | None) -> DaemonDiedError:
             raise NotImplementedError
 
         def _send_cancel(self, handle: SaveHandle) -> None:

@@ -32,6 +32,7 @@ from ._dcp_errors import DaemonExiting, PeerFailed, SaveCancelled, is_cancellati
 from ._dcp_errors import save as dcp_save
 from ._protocol import DaemonConfig as Config
 from ._staging import MeshSpec, PickledLeaf, rebuild
+from ._store import Store
 
 __all__ = ["Persisting", "Request", "Stop", "Stopping"]
 
@@ -91,6 +92,7 @@ class Persisting:
 
     cfg: Config
     root: Path
+    store: Store
     pg: Any
     arenas: dict[int, MappedArena]
     doomed: set[int]
@@ -139,6 +141,7 @@ class Persisting:
         msg = req.msg
         t0 = time.perf_counter()
         tmp: Path | None = None
+        began = False
         try:
             token = _storage.new_token()
             votes = self._agree((msg.step, self._vote(req), token))
@@ -146,10 +149,13 @@ class Persisting:
             if len(steps) != 1:
                 raise RuntimeError(f"ranks disagree on the step to save: {sorted(steps)}")
             self._check_votes(req, [v[1] for v in votes])
-            tmp = _storage.tmp_dir(self.root, msg.step, votes[0][2])
+            tmp = self.store.tmp_dir(msg.step, votes[0][2])
             self.tmp_dirs.add(tmp)
-            if not msg.overwrite and _storage.step_dir(self.root, msg.step).exists():
-                raise _storage.exists_error(self.root, msg.step)
+            if not msg.overwrite and self.store.exists(msg.step):
+                raise self.store.exists_error(msg.step)
+            if self.cfg.rank == 0:
+                began = True
+                self.store.begin(msg.step)  # an object store's intent (a no-op locally)
             nbytes = self._write(req, tmp)
             self._check_votes(req, self._agree(self._vote(req)))
             err = self._commit(msg, tmp)
@@ -158,7 +164,7 @@ class Persisting:
             self.tmp_dirs.discard(tmp)
             # Retention runs before the reply: once the handle resolves, steps() is final.
             self._retain()
-            path = _storage.step_dir(self.root, msg.step)
+            path = self.store.step_path(msg.step)
             seconds = time.perf_counter() - t0
             self.send(p.Saved(msg.req_id, msg.step, str(path), nbytes, seconds))
             log.info("step %d committed (%d bytes, %.3fs)", msg.step, nbytes, seconds)
@@ -166,6 +172,11 @@ class Persisting:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
                 self.tmp_dirs.discard(tmp)
+            if began:
+                try:
+                    self.store.abandon(msg.step)  # an object store: what was uploaded
+                except Exception as cleanup:
+                    log.warning("could not clean up step %d: %s", msg.step, cleanup)
             cancelled = is_cancellation(exc)
             if self.stopping.dying:
                 return  # dying (SIGTERM, parent gone): the parent reports our death
@@ -233,9 +244,11 @@ class Persisting:
     def _commit(self, msg: p.Save, tmp: Path) -> str | None:
         """Rank 0 publishes the step once every rank's data is durable; all learn the result."""
         err: str | None = None
-        if self.cfg.rank == 0:
+        if self.store.remote:
+            err = self._upload(msg, tmp)
+        if err is None and self.cfg.rank == 0:
             try:
-                _storage.commit(self.root, tmp, msg.step, overwrite=msg.overwrite)
+                self.store.commit(tmp, msg.step, overwrite=msg.overwrite)
             except BaseException as exc:
                 err = f"{type(exc).__name__}: {exc}"
             else:
@@ -249,11 +262,27 @@ class Persisting:
             err = box[0]
         return err
 
+    def _upload(self, msg: p.Save, tmp: Path) -> str | None:
+        """An object store: every rank uploads its own files; all learn every failure."""
+
+        def should_stop() -> None:
+            if self.stopping.dying:
+                raise DaemonExiting(self.stopping.reason)
+
+        err: str | None = None
+        try:
+            self.store.upload(tmp, msg.step, self.cfg.rank, should_stop)
+        except BaseException as exc:
+            err = f"{type(exc).__name__}: {exc}"
+        if self.pg is not None:
+            err = next((e for e in self._agree(err) if e), None)
+        return err
+
     def _retain(self) -> None:
         if self.cfg.rank != 0 or self.cfg.keep_last is None:
             return
         try:
-            deleted = _retention.apply_retention(self.root, self.cfg.keep_last, self.cfg.keep_every)
+            deleted = self.store.apply_retention(self.cfg.keep_last, self.cfg.keep_every)
             if deleted:
                 log.info("retention deleted steps %s", deleted)
         except Exception as exc:

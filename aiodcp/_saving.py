@@ -74,6 +74,8 @@ class Saving(Parts):
         """
         self._check_open()
         _storage.check_step(step)
+        if overwrite and self.store.remote:
+            raise ValueError(f"overwrite=True is not supported on an object store ({self.store})")
         assert self._daemons is not None
         t0 = time.perf_counter()
         handle = SaveHandle(-1, self._send_cancel)
@@ -193,8 +195,8 @@ class Saving(Parts):
     ) -> tuple[int, int]:
         """Copy thread: flatten, fit the slot's arena, copy, write the skeleton memfd."""
         step = handle.step
-        if not overwrite and _storage.step_dir(self.root, step).exists():
-            raise _storage.exists_error(self.root, step)
+        if not overwrite and self.store.exists(step, quick=True):
+            raise self.store.exists_error(step)
         # No GC pass (a full collection can hold the GIL for 100s of ms), and short
         # GIL switch intervals, while this thread runs Python code per tensor. Both
         # are this thread's to restore, whatever happens to the caller.
@@ -315,7 +317,7 @@ class Saving(Parts):
         handle._finish(
             SaveResult(
                 chosen,
-                _storage.step_dir(self.root, chosen),
+                self.store.step_path(chosen),
                 0,
                 time.perf_counter() - t0,
                 0.0,

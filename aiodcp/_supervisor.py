@@ -13,17 +13,16 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import anyio
 import anyio.abc
 import anyio.to_thread
 
 from . import _protocol as p
-from . import _retention
 from ._dist import DaemonAgreement, Group, Rendezvous
 from ._errors import CheckpointError
 from ._generation import Generation
+from ._store import Store
 
 __all__ = ["Supervisor"]
 
@@ -34,7 +33,7 @@ class Supervisor:
     def __init__(
         self,
         tg: anyio.abc.TaskGroup,
-        root: Path,
+        store: Store,
         group: Group,
         make_config: Callable[[Rendezvous | None], p.DaemonConfig],
         *,
@@ -46,7 +45,7 @@ class Supervisor:
         on_exit: Callable[[Generation], Awaitable[None]],
     ) -> None:
         self._tg = tg
-        self._root = root
+        self._store = store
         self.group = group
         self._make_config = make_config
         self._init_timeout = init_timeout
@@ -90,7 +89,7 @@ class Supervisor:
             if gen is not None:
                 await gen.stop(self._shutdown_timeout)  # a live peer of a dead daemon, too
                 if self.group.rank == 0:  # no daemon runs now: temporaries are litter
-                    await anyio.to_thread.run_sync(_retention.cleanup_leftovers, self._root)
+                    await anyio.to_thread.run_sync(self._store.cleanup_leftovers)
             return await self._spawn(rdv)
 
     async def _spawn(self, rdv: Rendezvous | None) -> Generation:

@@ -13,7 +13,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,12 @@ import anyio
 import anyio.to_thread
 
 from . import _storage
+from ._roots import open_store
+from ._store import LocalStore, Store
 
 __all__ = ["notify_commit", "watch"]
 
-_waiters: dict[Path, set[Any]] = {}
+_waiters: dict[Path | str, set[Any]] = {}
 
 _IN_NONBLOCK = 0o4000
 _IN_CLOEXEC = 0o2000000
@@ -33,7 +35,7 @@ _IN_MOVED_TO = 0x80
 _IN_CLOSE_WRITE = 0x8
 
 
-def notify_commit(root: Path, step: int) -> None:
+def notify_commit(root: Path | str, step: int) -> None:
     """Wake this process's watchers of ``root`` (called on the event loop)."""
     for event in list(_waiters.get(root, ())):
         event.set()
@@ -86,10 +88,11 @@ def _scan(root: Path, offset: int) -> tuple[list[int], int]:
 
 
 async def watch(
-    root: str | os.PathLike[str],
+    root: str | os.PathLike[str] | Store,
     *,
     include_latest: bool = False,
     poll_interval: float = 0.5,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> AsyncIterator[int]:
     """Yield each step committed under ``root`` from now on, in increasing order.
 
@@ -98,9 +101,15 @@ async def watch(
     ever yielded, each once, even if the consumer is slower than the writer; a
     step that retention has deleted since may then be gone -- wrap the load in
     :func:`aiodcp.hold`, which raises ``CheckpointNotFoundError`` for it. Stop
-    by breaking out of the loop (or cancelling it).
+    by breaking out of the loop (or cancelling it). An ``s3://`` root is polled
+    (its commit markers listed) every ``poll_interval`` seconds.
     """
-    path = await anyio.to_thread.run_sync(_storage.abspath, root)
+    store = await anyio.to_thread.run_sync(open_store, root, storage_options)
+    if not isinstance(store, LocalStore):
+        async for step in _poll_store(store, include_latest, poll_interval):
+            yield step
+        return
+    path = store.root
     event = anyio.Event()
     _waiters.setdefault(path, set()).add(event)
     fd = await anyio.to_thread.run_sync(_inotify, path)
@@ -133,3 +142,33 @@ async def watch(
                 del _waiters[path]
         if fd is not None:
             os.close(fd)
+
+
+async def _poll_store(
+    store: Store, include_latest: bool, poll_interval: float
+) -> AsyncIterator[int]:
+    """``watch`` of a store without change notifications: its committed steps, polled."""
+    key = str(store)
+    event = anyio.Event()
+    _waiters.setdefault(key, set()).add(event)
+    try:
+        last = await anyio.to_thread.run_sync(store.latest)
+        if include_latest and last is not None:
+            yield last
+        while True:
+            for step in await anyio.to_thread.run_sync(store.list_steps):
+                if last is None or step > last:
+                    last = step
+                    yield step
+            with anyio.move_on_after(poll_interval):
+                await event.wait()
+            if event.is_set():
+                _waiters[key].discard(event)
+                event = anyio.Event()
+                _waiters[key].add(event)
+    finally:
+        waiters = _waiters.get(key)
+        if waiters is not None:
+            waiters.discard(event)
+            if not waiters:
+                del _waiters[key]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +35,30 @@ def pytest_asyncio_loop_factories(config, item):  # type: ignore[no-untyped-def]
     if item.module.__name__.rsplit(".", 1)[-1] in BOTH_LOOPS:
         return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
     return {"asyncio": asyncio.new_event_loop}
+
+
+# ------------------------------------------------------------------ parallel runs
+# The suite runs on 2 pytest-xdist workers. A test marked ``serial`` (it measures time:
+# loop lag, how soon something returns) runs alone: it takes this lock exclusively,
+# every other test takes it shared. The lock is taken before pytest-timeout starts a
+# test's clock, so waiting for it never counts against the test's own timeout.
+_RUN_LOCK = Path(tempfile.gettempdir()) / (
+    f"aiodcp-tests-{os.getppid() if os.environ.get('PYTEST_XDIST_WORKER') else os.getpid()}.lock"
+)
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        yield
+        return
+    fd = os.open(_RUN_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        exclusive = item.get_closest_marker("serial") is not None
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture(autouse=True)

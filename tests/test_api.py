@@ -15,6 +15,12 @@ import aiodcp
 from .conftest import REPO
 
 
+def test_one_word_for_the_daemon_and_the_old_names_still_work() -> None:
+    """The child process is "the daemon" everywhere; the older "worker" names are aliases."""
+    assert aiodcp.WorkerDiedError is aiodcp.DaemonDiedError
+    assert aiodcp.AsyncCheckpointer.worker_pid.__doc__ and aiodcp.AsyncCheckpointer.daemon_pid
+
+
 def test_public_api_is_pinned() -> None:
     assert aiodcp.__all__ == sorted(aiodcp.__all__)
     assert aiodcp.__all__ == [
@@ -25,6 +31,7 @@ def test_public_api_is_pinned() -> None:
         "CheckpointExistsError",
         "CheckpointMismatchError",
         "CheckpointNotFoundError",
+        "DaemonDiedError",
         "Follower",
         "Guard",
         "ProtocolError",

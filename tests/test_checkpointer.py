@@ -248,6 +248,7 @@ def _copy_seconds(state: dict[str, torch.Tensor]) -> float:
     return sorted(times)[1]
 
 
+@pytest.mark.serial
 async def test_event_loop_keeps_ticking_during_a_large_save(root: Path) -> None:
     """A 256 MiB save (stage + persist) never stalls the loop for long (ticker task): its
     worst tick is well under one copy of the state on the loop's thread (what a copy in

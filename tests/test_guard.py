@@ -80,6 +80,7 @@ async def test_a_guarded_model_with_batchnorm_commits_one_steps_state(
             assert fresh_opt.param_groups[0]["lr"] == want["lr"], f"step {step} lr"
 
 
+@pytest.mark.serial
 async def test_a_guarded_forward_waits_only_for_the_buffers(root: Path) -> None:
     """Buffers are copied first: a guarded forward right after save() waits for them and
     not for the whole copy (the parameters are still being copied when it returns)."""

@@ -4,7 +4,10 @@ without aclose(), options that cannot hold with several ranks."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -116,3 +119,75 @@ def test_the_daemons_stop_state_moves_once_and_the_first_reason_wins() -> None:
     halted = Stopping()
     halted.enter(Stop.HALT, "parent process is gone")
     assert halted.dying and halted.reason == "parent process is gone"
+
+
+FIRST_SAVE = """
+import asyncio, sys, tempfile, time, torch, aiodcp
+async def main():
+    state = {f"t{i}": torch.randn(16) for i in range(3000)}
+    lag = [0.0]
+    async def ticker():
+        while True:
+            t = time.perf_counter()
+            await asyncio.sleep(0.001)
+            lag[0] = max(lag[0], time.perf_counter() - t - 0.001)
+    async with aiodcp.AsyncCheckpointer(tempfile.mkdtemp()) as ckpt:
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0.05)
+        lag[0] = 0.0
+        await (await ckpt.save(state, step=0))
+        task.cancel()
+    print(f"{lag[0]:.4f} {'torch.distributed.tensor' in sys.modules}")
+asyncio.run(main())
+"""
+
+
+@pytest.mark.serial
+def test_the_first_save_keeps_the_loop_free() -> None:
+    """The first save without prepare() (3,000 small tensors) keeps the loop as free as the
+    later ones: it used to import torch.distributed.tensor in its copy (~2 s, holding the
+    loop's thread for ~450 ms); a program that uses no DTensor never imports it now."""
+    proc = run_script(FIRST_SAVE, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lag, imported = proc.stdout.split()
+    assert imported == "False"
+    assert float(lag) < 0.15, f"first save held the loop {float(lag) * 1e3:.0f} ms"
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path) -> Iterator[Path]:
+    """A read-only tmpfs mount (needs root, as CI and this machine have)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a read-only tmpfs")
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    (mnt / "existing").mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    (mnt / "existing").mkdir()
+    subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.asyncio
+async def test_a_root_on_a_read_only_mount_is_a_clear_error(read_only_dir: Path) -> None:
+    """A new root on a read-only mount, and an existing directory there, fail at open with a
+    CheckpointError that says so (a new one used to raise a raw OSError)."""
+    for root in (read_only_dir / "new" / "ck", read_only_dir / "existing"):
+        with pytest.raises(aiodcp.CheckpointError, match="choose a writable directory"):
+            async with aiodcp.AsyncCheckpointer(root):
+                pass
+
+
+@pytest.mark.asyncio
+async def test_an_unopened_checkpointer_says_so(root: Path) -> None:
+    """steps(), wait(), guard() and aclose() on a checkpointer never opened raise a clear
+    RuntimeError (they used to succeed silently, or raise a bare AssertionError)."""
+    ckpt = aiodcp.AsyncCheckpointer(root)
+    for call in (ckpt.steps, ckpt.wait, ckpt.aclose):
+        with pytest.raises(RuntimeError, match=r"(not open|never opened)"):
+            await call()
+    with pytest.raises(RuntimeError, match="not open"):
+        ckpt.guard(torch.nn.Linear(1, 1))

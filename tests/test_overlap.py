@@ -132,6 +132,7 @@ def snapshot(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, An
 
 # ------------------------------------------------------------------ tests
 @pytest.mark.asyncio
+@pytest.mark.serial
 async def test_overlapped_save_returns_before_the_copy_and_commits_the_values_at_save(
     root: Path,
 ) -> None:

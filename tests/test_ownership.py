@@ -82,6 +82,7 @@ async def test_an_error_in_our_own_task_never_hangs_close(root: Path) -> None:
 
 
 @pytest.mark.asyncio
+@pytest.mark.serial
 async def test_a_busy_loop_delays_replies_but_never_mutes_the_daemon(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -130,6 +131,7 @@ async def test_a_step_already_in_flight_leaks_no_slot(root: Path) -> None:
         assert not (await second).skipped and not (await first).skipped
 
 
+@pytest.mark.serial
 def test_persisting_starts_when_save_returns(root: Path) -> None:
     """obs 7: after `await save()` the caller runs synchronous code without yielding;
     the daemon commits meanwhile (the step is on disk before the loop runs again)."""

@@ -25,6 +25,7 @@ async def _round_trip(ckpt: aiodcp.AsyncCheckpointer, state: dict, step: int) ->
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.serial
 async def test_a_hundred_thousand_tensors_save_and_load_bit_exact(root: Path) -> None:
     """100,000 tensors: one small Save frame (no size limit hit, no hang), the commit
     loads bit-exact, and the event loop keeps ticking (loosely bounded here; the

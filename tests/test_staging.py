@@ -242,6 +242,7 @@ def test_flatten_leaves_no_object_per_tensor_for_the_garbage_collector() -> None
     assert same == flat.layout and other != flat.layout
 
 
+@pytest.mark.serial
 def test_a_large_skeleton_pickles_in_pieces_other_threads_can_run_between() -> None:
     """A plain 200,000-entry dict pickles in one C call that keeps every other thread
     (the event loop's) off the GIL; the skeleton's large containers pickle item by item

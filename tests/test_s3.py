@@ -1,0 +1,578 @@
+"""Object storage: ``s3://bucket/prefix`` roots against a moto S3 server on loopback."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import anyio
+import pytest
+import torch
+
+import aiodcp
+from aiodcp import _cli
+from aiodcp._roots import open_store
+
+boto3 = pytest.importorskip("boto3")
+pytest.importorskip("moto")
+
+from tests.s3_server import FaultProxy, S3Server  # noqa: E402
+
+BUCKET = "ckpt"
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture(scope="module")
+def s3_server() -> Iterator[S3Server]:
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SimpleNamespace:
+    """An empty bucket on a fresh server state; credentials and endpoint in the environment
+    (inherited by the daemons), as a user would set them."""
+    s3_server.reset()
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.url)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    client = boto3.client("s3", endpoint_url=s3_server.url)
+    client.create_bucket(Bucket=BUCKET)
+    return SimpleNamespace(
+        url=s3_server.url, client=client, root=f"s3://{BUCKET}/run", auth=s3_server.auth
+    )
+
+
+def keys(client: Any, prefix: str = "run/") -> list[str]:
+    resp = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+    return sorted(o["Key"] for o in resp.get("Contents", []))
+
+
+def uploads(client: Any) -> list[str]:
+    return [u["Key"] for u in client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])]
+
+
+def state(seed: int = 0, n: int = 4096) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "w": torch.randn(n, generator=g),
+        "b": torch.randint(0, 100, (17, 3), generator=g),
+        "extra": {"lr": 0.1 * (seed + 1), "name": f"run-{seed}"},
+    }
+
+
+def blank(n: int = 4096) -> dict[str, Any]:
+    return {
+        "w": torch.zeros(n),
+        "b": torch.zeros(17, 3, dtype=torch.int64),
+        "extra": {"lr": 0.0, "name": ""},
+    }
+
+
+# ------------------------------------------------------------------ URL parsing
+@pytest.mark.parametrize("root", ["gs://bucket/run", "file:///tmp/run", "http://h/r", "s3:/b/r"])
+async def test_unsupported_or_malformed_url_is_refused_everywhere(
+    root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A URL aiodcp does not support is an error at once naming s3://, never a local path."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"s3://"):
+        aiodcp.AsyncCheckpointer(root)
+    with pytest.raises(ValueError, match=r"s3://"):
+        await aiodcp.load({}, root)
+    with pytest.raises(ValueError, match=r"s3://"):
+        async with aiodcp.hold(root, 0):
+            pass
+    with pytest.raises(ValueError, match=r"s3://"):
+        async for _ in aiodcp.watch(root):
+            break
+    for cmd in (["ls", root], ["verify", root], ["inspect", root], ["gc", root]):
+        assert await anyio.to_thread.run_sync(_cli.main, cmd) == 1
+    assert await anyio.to_thread.run_sync(os.listdir, tmp_path) == []  # no "gs:", no "s3:"
+
+
+async def test_s3_without_the_extra_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without boto3, an s3:// root asks for ``pip install aiodcp[s3]``."""
+    monkeypatch.setitem(sys.modules, "boto3", None)
+    monkeypatch.delitem(sys.modules, "aiodcp._store_s3", raising=False)
+    with pytest.raises(ImportError, match=r"pip install 'aiodcp\[s3\]'"):
+        open_store("s3://bucket/run")
+
+
+async def test_credentials_are_not_storage_options() -> None:
+    """Secrets never travel through aiodcp (nor the daemon's command line)."""
+    with pytest.raises(ValueError, match="AWS_SECRET_ACCESS_KEY"):
+        open_store("s3://bucket/run", {"aws_secret_access_key": "x"})
+    with pytest.raises(ValueError, match="unknown storage option"):
+        open_store("s3://bucket/run", {"endpoint": "x"})
+
+
+# ---------------------------------------------------------------- save and load
+
+
+async def test_round_trip_bit_exact_and_resume(
+    s3: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Committed steps load bit-exact; step=None continues after the latest; nothing local."""
+    monkeypatch.chdir(tmp_path)
+    async with aiodcp.AsyncCheckpointer(s3.root) as ckpt:
+        r0 = await (await ckpt.save(state(0), step=0))
+        r1 = await (await ckpt.save(state(1)))
+        assert (r0.step, r1.step) == (0, 1)
+        assert r1.path == "s3://ckpt/run/step_1"
+        meta = await anyio.to_thread.run_sync(lambda: r1.metadata)
+        assert "w" in meta.state_dict_metadata
+        assert await ckpt.steps() == [0, 1]
+        into = blank()
+        assert await ckpt.load(into) == 1
+    for key in ("w", "b"):
+        assert torch.equal(into[key], state(1)[key])
+    assert into["extra"] == state(1)["extra"]
+    assert "run/.commits/step_1" in keys(s3.client)
+    async with aiodcp.AsyncCheckpointer(s3.root) as ckpt:  # resume: step=None continues
+        assert (await (await ckpt.save(state(2)))).step == 2
+    into = blank()
+    assert await aiodcp.load(into, s3.root, step=0) == 0
+    assert torch.equal(into["w"], state(0)["w"])
+    assert await anyio.to_thread.run_sync(os.listdir, tmp_path) == []  # no "s3:" directory
+
+
+async def test_plain_dcp_fsspec_reader_reads_it(s3: SimpleNamespace) -> None:
+    """What aiodcp writes to S3 is a plain DCP directory: dcp.load with FsspecReader reads it."""
+    pytest.importorskip("s3fs")
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    async with aiodcp.AsyncCheckpointer(s3.root) as ckpt:
+        await (await ckpt.save(state(3), step=7))
+    into = blank()
+
+    def read() -> None:
+        reader = FsspecReader(
+            "s3://ckpt/run/step_7",
+            key="testing",
+            secret="testing",
+            client_kwargs={"endpoint_url": s3.url},
+        )
+        dcp.load(into, storage_reader=reader, no_dist=True)
+
+    await anyio.to_thread.run_sync(read)
+    assert torch.equal(into["w"], state(3)["w"])
+    assert torch.equal(into["b"], state(3)["b"])
+
+
+async def test_verify_and_load_detect_a_corrupted_object(s3: SimpleNamespace) -> None:
+    """A flipped byte in an uploaded object: `aiodcp verify` and load(verify=True) name it."""
+    async with aiodcp.AsyncCheckpointer(s3.root) as ckpt:
+        await (await ckpt.save(state(0), step=0))
+        await (await ckpt.save(state(1), step=1))
+    assert await anyio.to_thread.run_sync(_cli.main, ["verify", s3.root]) == 0
+    key = "run/step_1/__0_0.distcp"
+    data = bytearray(s3.client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0xFF
+    s3.client.put_object(Bucket=BUCKET, Key=key, Body=bytes(data))
+    assert await anyio.to_thread.run_sync(_cli.main, ["verify", s3.root, "--step", "1"]) == 1
+    with pytest.raises(aiodcp.CheckpointCorruptError, match=r"s3://ckpt/run/step_1") as err:
+        await aiodcp.load(blank(), s3.root, verify=True)
+    assert err.value.file == "__0_0.distcp"
+    into = blank()
+    assert await aiodcp.load(into, s3.root, verify=True, fallback=True) == 0
+    assert torch.equal(into["w"], state(0)["w"])
+
+
+async def test_retention_spares_a_leased_step_and_deletes_marker_first(
+    s3: SimpleNamespace,
+) -> None:
+    """keep_last=1 deletes old steps' markers and objects, but not a step a reader holds."""
+    async with aiodcp.AsyncCheckpointer(s3.root, keep_last=1) as ckpt:
+        await (await ckpt.save(state(0), step=0))
+        async with aiodcp.hold(s3.root, 0):
+            await (await ckpt.save(state(1), step=1))
+            assert await ckpt.steps() == [0, 1]  # held: spared
+        await (await ckpt.save(state(2), step=2))
+        assert await ckpt.steps() == [2]
+    left = keys(s3.client)
+    assert not any(k.startswith(("run/step_0/", "run/step_1/")) for k in left), left
+    assert not any(k.startswith("run/.holds/") for k in left)
+    with pytest.raises(aiodcp.CheckpointNotFoundError):
+        async with aiodcp.hold(s3.root, 0):
+            pass
+
+
+async def test_watch_sees_new_commits(s3: SimpleNamespace) -> None:
+    """watch() of an s3:// root yields each newly committed step, in order."""
+    seen: list[int] = []
+    async with aiodcp.AsyncCheckpointer(s3.root) as ckpt:
+        await (await ckpt.save(state(0), step=0))
+
+        async def follow() -> None:
+            async for step in aiodcp.watch(s3.root, include_latest=True, poll_interval=0.1):
+                seen.append(step)
+                if step == 2:
+                    return
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(follow)
+                await anyio.sleep(0.2)
+                for step in (1, 2):
+                    await (await ckpt.save(state(step), step=step))
+    assert seen == [0, 1, 2]
+
+
+# ------------------------------------------------------------------------ faults
+BIG = 12 << 20  # three 5 MiB parts with multipart_threshold=5 MiB
+MULTIPART = {"multipart_threshold": 5 << 20, "multipart_chunksize": 5 << 20}
+
+
+async def test_kill9_mid_upload_leaves_nothing_visible_and_is_swept(
+    s3: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon SIGKILLed after its first uploaded part: no step (no marker), and the next
+    open aborts the multipart upload and deletes the partial objects."""
+    monkeypatch.setenv("AIODCP_TEST_KILL_AT", "mid_upload")
+    big = {"w": torch.randn(BIG // 4)}
+    async with aiodcp.AsyncCheckpointer(
+        s3.root, storage_options={**MULTIPART, "max_concurrency": 1}
+    ) as ckpt:
+        handle = await ckpt.save(big, step=5)
+        with pytest.raises(aiodcp.WorkerDiedError, match="SIGKILL"):
+            await handle
+        assert await ckpt.steps() == []
+        assert any(k.startswith("run/step_5/") for k in keys(s3.client)) or uploads(s3.client)
+    monkeypatch.delenv("AIODCP_TEST_KILL_AT")
+    async with aiodcp.AsyncCheckpointer(s3.root) as ckpt:  # the next writer's open sweeps
+        assert await ckpt.steps() == []
+        assert uploads(s3.client) == []
+        assert keys(s3.client) == []
+        await (await ckpt.save({"w": torch.ones(4)}, step=5))  # the step is free again
+        assert await ckpt.steps() == [5]
+
+
+async def test_kill9_before_marker_is_not_committed(
+    s3: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after the manifest, before the marker: every object is there, yet no step."""
+    monkeypatch.setenv("AIODCP_TEST_KILL_AT", "before_marker")
+    async with aiodcp.AsyncCheckpointer(s3.root) as ckpt:
+        with pytest.raises(aiodcp.WorkerDiedError):
+            await (await ckpt.save(state(0), step=3))
+        assert "run/step_3/.aiodcp-manifest.json" in keys(s3.client)
+        assert await ckpt.steps() == []
+        with pytest.raises(aiodcp.CheckpointNotFoundError):
+            await ckpt.load(blank())
+
+
+async def test_kill9_after_marker_is_recovered_as_committed(
+    s3: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed right after the marker: the step is committed (recovered=True) and loads."""
+    monkeypatch.setenv("AIODCP_TEST_KILL_AT", "after_marker")
+    async with aiodcp.AsyncCheckpointer(s3.root) as ckpt:
+        result = await (await ckpt.save(state(4), step=4))
+        assert result.recovered
+    into = blank()
+    assert await aiodcp.load(into, s3.root) == 4
+    assert torch.equal(into["w"], state(4)["w"])
+
+
+async def test_throttling_and_connection_resets_are_retried(s3: SimpleNamespace) -> None:
+    """503 SlowDown and reset connections on uploads are retried with backoff: it commits."""
+    faults = {"throttle": 3, "reset": 2}
+
+    def rule(request: str) -> str:
+        if request.startswith("PUT "):
+            for kind, left in faults.items():
+                if left:
+                    faults[kind] -= 1
+                    return kind
+        return "pass"
+
+    proxy = FaultProxy(s3.url, rule)
+    try:
+        async with aiodcp.AsyncCheckpointer(
+            s3.root, storage_options={"endpoint_url": proxy.url}
+        ) as ckpt:
+            await (await ckpt.save(state(0), step=0))
+            assert await ckpt.steps() == [0]
+    finally:
+        proxy.stop()
+    assert faults == {"throttle": 0, "reset": 0}
+    acts = [a for _, a in proxy.seen]
+    assert acts.count("throttle") == 3 and acts.count("reset") == 2
+    into = blank()
+    await aiodcp.load(into, s3.root, verify=True)
+    assert torch.equal(into["w"], state(0)["w"])
+
+
+async def test_stuck_upload_fails_the_save_in_bounded_time(s3: SimpleNamespace) -> None:
+    """An upload that never progresses fails the save within the stall bound, naming the
+    rank and the object; nothing is committed and the daemon serves the next save."""
+    stuck = {"on": True}
+
+    def rule(request: str) -> str:
+        if stuck["on"] and request.startswith("PUT ") and ".distcp" in request:
+            return "stall"
+        return "pass"
+
+    proxy = FaultProxy(s3.url, rule)
+    try:
+        async with aiodcp.AsyncCheckpointer(
+            s3.root,
+            storage_options={
+                "endpoint_url": proxy.url,
+                "upload_stall_timeout": 1.5,
+                "read_timeout": 30.0,
+                "max_attempts": 1,
+            },
+        ) as ckpt:
+            t0 = time.monotonic()
+            with pytest.raises(
+                aiodcp.SaveFailedError,
+                match=r"rank 0: upload of s3://ckpt/run/step_0/__0_0\.distcp made no progress",
+            ):
+                await (await ckpt.save(state(0), step=0))
+            assert time.monotonic() - t0 < 15
+            assert await ckpt.steps() == []
+            stuck["on"] = False
+            await (await ckpt.save(state(1), step=1))
+            assert await ckpt.steps() == [1]
+    finally:
+        proxy.stop()
+
+
+async def test_missing_bucket_and_bad_credentials_fail_at_open(
+    s3: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening a checkpointer on a missing bucket, or with refused credentials, is a clear
+    CheckpointError at once (before any save)."""
+    with pytest.raises(aiodcp.CheckpointError, match="bucket 'nope' does not exist"):
+        async with aiodcp.AsyncCheckpointer("s3://nope/run"):
+            pass
+    s3.auth(True)  # moto's server checks keys against its IAM users from now on
+    try:
+        with pytest.raises(aiodcp.CheckpointError, match="access refused"):
+            async with aiodcp.AsyncCheckpointer(s3.root):
+                pass
+    finally:
+        s3.auth(False)
+
+
+async def test_overwrite_is_refused_on_object_storage(s3: SimpleNamespace) -> None:
+    """overwrite=True would rewrite a committed step's objects in place: refused."""
+    async with aiodcp.AsyncCheckpointer(s3.root) as ckpt:
+        with pytest.raises(ValueError, match="overwrite"):
+            await ckpt.save(state(0), step=0, overwrite=True)
+        await (await ckpt.save(state(0), step=0))
+        with pytest.raises(aiodcp.CheckpointExistsError):
+            await (await ckpt.save(state(0), step=0))
+
+
+async def test_cli_ls_inspect_gc(s3: SimpleNamespace, capsys: pytest.CaptureFixture[str]) -> None:
+    """The CLI reads an s3:// root: ls lists committed steps, inspect the tensors, gc sweeps."""
+    async with aiodcp.AsyncCheckpointer(s3.root) as ckpt:
+        await (await ckpt.save(state(0), step=0))
+    capsys.readouterr()
+    assert await anyio.to_thread.run_sync(_cli.main, ["ls", s3.root]) == 0
+    out = capsys.readouterr().out
+    assert "step 0" in out and "(latest)" in out
+    assert await anyio.to_thread.run_sync(_cli.main, ["inspect", s3.root]) == 0
+    assert "float32" in capsys.readouterr().out
+    s3.client.put_object(Bucket=BUCKET, Key="run/.pending/step_9", Body=b"")
+    s3.client.put_object(Bucket=BUCKET, Key="run/step_9/__0_0.distcp", Body=b"x")
+    assert await anyio.to_thread.run_sync(_cli.main, ["gc", s3.root]) == 0
+    assert "run/step_9/__0_0.distcp" in capsys.readouterr().out
+    assert not any("step_9" in k for k in keys(s3.client))
+
+
+TWO_RANKS = """
+import asyncio, os, sys, torch, torch.distributed as dist, aiodcp
+async def main():
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    root = sys.argv[1]
+    mine = {f"w{rank}": torch.arange(1000.0) + rank, "shared": torch.ones(3)}
+    async with aiodcp.AsyncCheckpointer(root, keep_last=1) as ckpt:
+        await (await ckpt.save(mine, step=0))
+        await (await ckpt.save(mine))  # step=None: 1 on both ranks
+        if rank == 0:  # retention runs on rank 0 before its handle resolves
+            assert await ckpt.steps() == [1], await ckpt.steps()
+    back = {f"w{rank}": torch.zeros(1000), "shared": torch.zeros(3)}
+    assert await aiodcp.load(back, root) == 1
+    assert torch.equal(back[f"w{rank}"], mine[f"w{rank}"])
+    assert torch.equal(back["shared"], mine["shared"])
+    print(f"OK rank {rank}", flush=True)
+    dist.destroy_process_group()
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+async def test_two_ranks_upload_their_own_files_and_commit_once(
+    s3: SimpleNamespace, tmp_path: Path
+) -> None:
+    """2 ranks under torchrun: each uploads its own file, one marker per step, retention and
+    a 2-rank load from S3 work."""
+    from tests.conftest import REPO, torchrun
+
+    script = tmp_path / "two_ranks.py"
+    await anyio.to_thread.run_sync(script.write_text, TWO_RANKS)
+    with anyio.fail_after(220):
+        proc = await anyio.run_process(
+            torchrun(str(script), s3.root),
+            check=False,
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(REPO)},  # this checkout's aiodcp
+        )
+    out = (proc.stdout + proc.stderr).decode()
+    assert proc.returncode == 0, out[-6000:]
+    assert "OK rank 0" in out and "OK rank 1" in out, out[-6000:]
+    names = keys(s3.client)
+    assert "run/step_1/__0_0.distcp" in names and "run/step_1/__1_0.distcp" in names, names
+    assert [k for k in names if k.startswith("run/.commits/")] == ["run/.commits/step_1"]
+    assert not any(k.startswith(("run/step_0/", "run/.pending/")) for k in names), names
+
+
+TRAINER = """
+import asyncio, sys, torch, aiodcp
+async def main():
+    opts = {"endpoint_url": sys.argv[2], "max_attempts": 1}
+    async with aiodcp.AsyncCheckpointer(sys.argv[1], storage_options=opts) as ckpt:
+        handle = await ckpt.save({"w": torch.randn(1000)}, step=0)
+        print("daemon", ckpt.worker_pid, flush=True)
+        await handle
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+async def test_trainer_killed_mid_upload_its_daemon_exits_and_nothing_is_visible(
+    s3: SimpleNamespace, tmp_path: Path
+) -> None:
+    """The trainer SIGKILLed while its daemon uploads: the daemon stops the upload and
+    exits by itself, no step is visible, and the next open leaves nothing behind."""
+    from tests.conftest import REPO
+
+    hit = anyio.Event()
+    token = anyio.lowlevel.current_token()
+
+    def rule(request: str) -> str:
+        if request.startswith("PUT ") and ".distcp" in request:
+            anyio.from_thread.run_sync(hit.set, token=token)
+            return "stall"
+        return "pass"
+
+    proxy = FaultProxy(s3.url, rule)
+    script = tmp_path / "trainer.py"
+    await anyio.to_thread.run_sync(script.write_text, TRAINER)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    try:
+        async with await anyio.open_process(
+            [sys.executable, str(script), s3.root, proxy.url], env=env, cwd=tmp_path
+        ) as trainer:
+            assert trainer.stdout is not None
+            with anyio.fail_after(120):
+                line = b""
+                while b"\n" not in line:
+                    line += await trainer.stdout.receive()
+                daemon = int(line.split()[1])
+                await hit.wait()
+            trainer.kill()
+            await trainer.wait()
+        with anyio.fail_after(30):  # its daemon notices, abandons the upload, exits
+            while await anyio.to_thread.run_sync(os.path.exists, f"/proc/{daemon}"):  # noqa: ASYNC110
+                await anyio.sleep(0.2)
+    finally:
+        proxy.stop()
+    async with aiodcp.AsyncCheckpointer(s3.root) as ckpt:
+        assert await ckpt.steps() == []
+    assert keys(s3.client) == []
+    assert uploads(s3.client) == []
+
+
+TWO_RANKS_STUCK = """
+import asyncio, sys, time, torch, torch.distributed as dist, aiodcp
+async def main():
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    opts = {"endpoint_url": sys.argv[2], "upload_stall_timeout": 2.0, "max_attempts": 1}
+    async with aiodcp.AsyncCheckpointer(sys.argv[1], storage_options=opts) as ckpt:
+        t0 = time.monotonic()
+        try:
+            await (await ckpt.save({f"w{rank}": torch.randn(1000)}, step=0))
+        except aiodcp.SaveFailedError as exc:
+            print(f"FAILED on rank {rank} after {time.monotonic() - t0:.1f} s: "
+                  + str(exc).splitlines()[0], flush=True)
+        assert await ckpt.steps() == []
+    dist.destroy_process_group()
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+async def test_two_ranks_a_stuck_upload_on_one_fails_the_save_on_both(
+    s3: SimpleNamespace, tmp_path: Path
+) -> None:
+    """Rank 1's upload never progresses: the save fails on both ranks within the bound,
+    each naming rank 1 and its object; nothing is committed."""
+    from tests.conftest import REPO, torchrun
+
+    def rule(request: str) -> str:
+        return "stall" if request.startswith("PUT ") and "__1_" in request else "pass"
+
+    proxy = FaultProxy(s3.url, rule)
+    script = tmp_path / "stuck.py"
+    await anyio.to_thread.run_sync(script.write_text, TWO_RANKS_STUCK)
+    try:
+        with anyio.fail_after(220):
+            proc = await anyio.run_process(
+                torchrun(str(script), s3.root, proxy.url),
+                check=False,
+                cwd=tmp_path,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+            )
+    finally:
+        proxy.stop()
+    out = (proc.stdout + proc.stderr).decode()
+    assert proc.returncode == 0, out[-6000:]
+    failed = [ln for ln in proc.stdout.decode().splitlines() if ln.startswith("FAILED")]
+    assert len(failed) == 2, out[-6000:]
+    for line in failed:
+        assert "rank 1: upload of s3://ckpt/run/step_0/__1_0.distcp made no progress" in line
+        assert float(line.split(" after ")[1].split(" s")[0]) < 60, line
+    assert not any(k.startswith("run/.commits/") for k in keys(s3.client))
+
+
+async def test_a_held_lease_is_renewed_and_a_dead_readers_lease_lapses(
+    s3: SimpleNamespace,
+) -> None:
+    """With lease_ttl=2 s: a hold() longer than that keeps its step (renewed); a lease
+    nobody renews (its reader crashed) stops protecting the step after ~2 s."""
+    opts = {"lease_ttl": 2.0}
+    async with aiodcp.AsyncCheckpointer(s3.root, keep_last=1, storage_options=opts) as ckpt:
+        await (await ckpt.save(state(0), step=0))
+        async with aiodcp.hold(s3.root, 0, storage_options=opts):
+            await anyio.sleep(3.5)  # past the ttl: only renewal keeps the lease alive
+            await (await ckpt.save(state(1), step=1))
+            assert await ckpt.steps() == [0, 1]
+        s3.client.put_object(Bucket=BUCKET, Key=f"run/.holds/step_1.{'0' * 32}", Body=b"")
+        await (await ckpt.save(state(2), step=2))
+        assert await ckpt.steps() == [1, 2]  # the crashed reader's lease is still fresh
+        await anyio.sleep(3.5)
+        await (await ckpt.save(state(3), step=3))
+        assert await ckpt.steps() == [3]  # ... and now it has lapsed
+    assert not any(k.startswith("run/.holds/") for k in keys(s3.client))
