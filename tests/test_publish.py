@@ -30,7 +30,7 @@ pytestmark = pytest.mark.timeout(240)  # a loaded 2-core CI box imports torch in
 
 
 def memfds(pid: int | str = "self", name: str = "aiodcp-version") -> list[str]:
-    """A process's descriptors that are aiodcp versions (``name="aiodcp-"``: or spares)."""
+    """A process's descriptors that are aiodcp versions (``name="memfd:aiodcp-"``: any memfd)."""
     out = []
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
@@ -177,7 +177,7 @@ async def test_a_killed_learner_gives_readers_a_typed_error(tmp_path: Path) -> N
             await versions.__anext__()
         await versions.aclose()
     assert bool((mine["model"]["t3"] == 2).all())
-    assert not memfds(name="aiodcp-") and not mapped(name="aiodcp-")  # spares too
+    assert not memfds(name="memfd:aiodcp-") and not mapped(name="memfd:aiodcp-")  # spares too
 
 
 @pytest.mark.asyncio
@@ -234,7 +234,7 @@ async def test_a_full_ring_follows_its_policy(tmp_path: Path, when_full: str) ->
         await v0.release()
         await f1.aclose()
         await f2.aclose()
-    assert not memfds(name="aiodcp-") and not mapped(name="aiodcp-")  # spares too
+    assert not memfds(name="memfd:aiodcp-") and not mapped(name="memfd:aiodcp-")  # spares too
 
 
 # ------------------------------------------------------------------ leaks, views
@@ -259,7 +259,7 @@ async def test_a_released_version_leaves_no_descriptor_or_mapping(tmp_path: Path
             with pytest.raises(aiodcp.CheckpointError, match="released"):
                 version.state_dict()
         assert len(memfds()) in (1, 2)  # the publisher's (and its spare)
-    assert not memfds(name="aiodcp-") and not mapped(name="aiodcp-")  # spares too
+    assert not memfds(name="memfd:aiodcp-") and not mapped(name="memfd:aiodcp-")  # spares too
 
 
 @pytest.mark.asyncio
@@ -316,7 +316,7 @@ async def test_checkpointer_publishes_saves_and_readers_fall_back_to_disk(
             with pytest.raises(aiodcp.CheckpointError, match="from disk"):
                 version.state_dict()
     assert bool((mine["a"] == 5).all()) and mine["step"] == 5
-    assert not memfds(name="aiodcp-") and not mapped(name="aiodcp-")  # spares too
+    assert not memfds(name="memfd:aiodcp-") and not mapped(name="memfd:aiodcp-")  # spares too
 
 
 # ------------------------------------------------------------ unit: no processes
