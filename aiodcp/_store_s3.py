@@ -51,9 +51,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
-import boto3
-import botocore.config
-import botocore.exceptions
+import botocore.exceptions  # ~0.1 s; boto3 itself (~1 s) is imported with the first client
 
 from . import _manifest, _storage
 from ._errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError
@@ -193,6 +191,9 @@ class S3Store(Store):
         """The boto3 client, created on first use in this process (never inherited)."""
         with self._client_lock:
             if self._client is None:
+                import boto3
+                import botocore.config
+
                 o = self.options
                 config = botocore.config.Config(
                     retries={"mode": "standard", "max_attempts": o.max_attempts},
