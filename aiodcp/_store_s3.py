@@ -566,7 +566,8 @@ class S3Store(Store):
     ) -> None:
         """Queue one file's parts; the last part to finish completes the upload, and any
         failure aborts it (nothing is left behind but what the sweep aborts)."""
-        chunk = max(5 << 20, self.options.multipart_chunksize)
+        # S3: parts of at least 5 MiB, at most 10,000 of them (bigger files, bigger parts)
+        chunk = max(5 << 20, self.options.multipart_chunksize, -(-up.size // 10_000))
         nparts = max(1, -(-up.size // chunk))
         state: dict[str, Any] = {"id": None, "parts": {}, "left": nparts, "over": False}
         lock = threading.Lock()

@@ -418,7 +418,6 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(240)
 async def test_two_ranks_upload_their_own_files_and_commit_once(
     s3: SimpleNamespace, tmp_path: Path
@@ -457,7 +456,6 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(240)
 async def test_trainer_killed_mid_upload_its_daemon_exits_and_nothing_is_visible(
     s3: SimpleNamespace, tmp_path: Path
@@ -522,7 +520,6 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(240)
 async def test_two_ranks_a_stuck_upload_on_one_fails_the_save_on_both(
     s3: SimpleNamespace, tmp_path: Path
