@@ -10,6 +10,10 @@ The whole public API::
     step = await aiodcp.load(state_dict, "checkpoints")   # readers: no daemon
     async for step in aiodcp.watch("checkpoints"): ...    # follow new commits
     async with aiodcp.hold("checkpoints", step): ...      # keep retention off it
+
+    await ckpt.publish(state_dict, version=step)          # live, same host, no disk
+    async for version in aiodcp.follow("checkpoints"):    # readers: newest version
+        async with version: await version.copy_into(state_dict)
 """
 
 import importlib as _importlib
@@ -18,8 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._checkpointer import AsyncCheckpointer, SaveEvent, SaveHandle, SaveResult
+    from ._follow import Follower, Version, follow
     from ._guard import Guard
     from ._load import hold, load
+    from ._publish import Publisher
     from ._watch import watch
 
 from ._errors import (
@@ -31,6 +37,7 @@ from ._errors import (
     CheckpointNotFoundError,
     DaemonDiedError,
     ProtocolError,
+    PublisherGoneError,
     SaveFailedError,
     WorkerDiedError,
 )
@@ -43,6 +50,10 @@ _LAZY = {
     "SaveHandle": "._checkpointer",
     "SaveResult": "._checkpointer",
     "Guard": "._guard",
+    "Follower": "._follow",
+    "Version": "._follow",
+    "follow": "._follow",
+    "Publisher": "._publish",
     "hold": "._load",
     "load": "._load",
     "watch": "._watch",
@@ -79,14 +90,19 @@ __all__ = [
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
     "DaemonDiedError",
+    "Follower",
     "Guard",
     "ProtocolError",
+    "Publisher",
+    "PublisherGoneError",
     "SaveEvent",
     "SaveFailedError",
     "SaveHandle",
     "SaveResult",
+    "Version",
     "WorkerDiedError",
     "__version__",
+    "follow",
     "hold",
     "load",
     "watch",

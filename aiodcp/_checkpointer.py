@@ -36,6 +36,7 @@ from ._handle import SaveEvent, SaveHandle, SaveResult
 from ._load import load_checkpoint
 from ._outcomes import Outcomes, latest_on_disk
 from ._preempt import Preemption
+from ._publish import Publishing
 from ._roots import open_store
 from ._saving import Saving
 from ._slots import SlotPool
@@ -52,7 +53,7 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "0") == "1"
 
 
-class AsyncCheckpointer(Saving, Outcomes, Preemption):
+class AsyncCheckpointer(Saving, Outcomes, Preemption, Publishing):
     """Checkpoint PyTorch state from async code, in a background daemon.
 
     ``async with AsyncCheckpointer(root) as ckpt`` starts the daemon (so the
@@ -180,6 +181,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption):
         self._body_scope: anyio.CancelScope | None = None
         self._receivers: list[Any] = []  # handle_signals()'s, restored at close
         self.preempted: int | None = None
+        self._publisher = None  # opened by publish() / publisher(), in our task group
         """The signal that ended the block, after ``handle_signals``; else None."""
 
     # ------------------------------------------------------------- lifecycle

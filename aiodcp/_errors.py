@@ -11,6 +11,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "DaemonDiedError",
     "ProtocolError",
+    "PublisherGoneError",
     "SaveFailedError",
     "WorkerDiedError",
 ]
@@ -85,6 +86,13 @@ class CheckpointExistsError(CheckpointError, FileExistsError):
 
 class ProtocolError(CheckpointError):
     """A frame on the parent/daemon channel is malformed or out of order."""
+
+
+class PublisherGoneError(CheckpointError):
+    """The publisher a reader followed exited without closing (killed, crashed).
+
+    Versions the reader still holds stay readable until released; what it copied
+    is its own."""
 
 
 class CheckpointCorruptError(CheckpointError):

@@ -71,6 +71,7 @@ BOOTSTRAP = (
     "sys.exit(code)"
 )
 
+
 def _read_all(fd: int) -> str:
     """Everything in the start-up pipe (its writer has exited), then close it."""
     chunks = []

@@ -129,6 +129,7 @@ class SaveHandle:
         self._copying: Any = None
         self._copy: Any = None  # its CopyThread: holds the slot until it has stopped
         self._copy_error: BaseException | None = None  # set by the copy thread itself
+        self._ticket: Any = None  # save(publish=True): its place in the publisher's ring
         self._copy_reported = False  # a guard has reported the copy's failure
         self._overwrite = False
         self._gen: Any = None  # the Generation it was sent to

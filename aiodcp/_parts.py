@@ -79,3 +79,6 @@ class Parts:
 
         def _settle(self, handle: SaveHandle) -> None:
             raise NotImplementedError
+
+        async def _reserve_publication(self, version: int) -> Any:
+            raise NotImplementedError

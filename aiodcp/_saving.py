@@ -44,6 +44,7 @@ class Saving(Parts):
         step: int | None = None,
         overwrite: bool = False,
         overlap: bool = False,
+        publish: bool = False,
     ) -> SaveHandle:
         """Stage ``state_dict`` and start persisting it as ``step``.
 
@@ -56,7 +57,9 @@ class Saving(Parts):
         (modules, optimizers, schedulers) give their ``state_dict()`` at the call
         either way. The daemon starts persisting as soon as the copy is done,
         without waiting for the caller to yield to the event loop. ``step=None``
-        is the latest step + 1.
+        is the latest step + 1. ``publish=True`` also publishes the staged bytes to
+        live readers as version ``step`` (see :meth:`publish`; one more memory copy
+        in the copy thread, under the publisher's ``when_full`` policy).
 
         Cancelling the caller while it stages (any way: anyio, asyncio's
         ``task.cancel()``/``timeout``/``wait_for``, trio) raises at once and aborts
@@ -88,7 +91,11 @@ class Saving(Parts):
             handle.step = self._reserve_step(step)
             self._inflight.add(handle)
             gen = await self._daemons.for_save()
+            if publish:
+                handle._ticket = await self._reserve_publication(handle.step)
         except BaseException as exc:
+            if handle._ticket is not None:
+                handle._ticket.close()
             self._finish(handle, None, _as_error(exc, handle.step))
             raise
         # From here the save's stage task owns it: the copy (its own thread), the slot
@@ -205,6 +212,8 @@ class Saving(Parts):
             handle._stage_seconds = time.perf_counter() - handle._t0
             handle._staged_flag.set()  # the sources may change now (guards wake up here)
             blob = dumps_skeleton(flat.skeleton)
+            if handle._ticket is not None:  # publish the staged bytes (a sealed copy)
+                handle._ticket.fill_from_arena(arena, flat)
         return memfd_with(blob, f"aiodcp-skeleton-{step}"), len(blob)
 
     def hand_over_staged(self) -> None:
@@ -322,6 +331,8 @@ class Saving(Parts):
 def _copy_stopped(handle: SaveHandle, error: BaseException | None) -> None:
     """The copy thread's last act: after a failure nothing reads the sources any more,
     so guards waiting on them wake up (and report ``error``)."""
+    if handle._ticket is not None:
+        handle._ticket.close()  # a publication never filled gives its place back
     if error is not None:
         handle._copy_error = error
         handle._buffers_flag.set()

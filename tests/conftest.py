@@ -43,8 +43,7 @@ def pytest_asyncio_loop_factories(config, item):  # type: ignore[no-untyped-def]
 # every other test takes it shared. The lock is taken before pytest-timeout starts a
 # test's clock, so waiting for it never counts against the test's own timeout.
 _RUN_LOCK = Path(tempfile.gettempdir()) / (
-    f"aiodcp-tests-{os.getppid() if os.environ.get('PYTEST_XDIST_WORKER') else os.getpid()}"
-    ".lock"
+    f"aiodcp-tests-{os.getppid() if os.environ.get('PYTEST_XDIST_WORKER') else os.getpid()}.lock"
 )
 
 

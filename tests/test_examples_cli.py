@@ -88,10 +88,11 @@ def test_demo_progress_is_one_line_per_save() -> None:
 
 @pytest.mark.timeout(300)
 def test_rl_actor_learner_example(tmp_path: Path) -> None:
-    """Actors in separate processes follow every published policy, never a partial one;
-    run again in the same place, the learner resumes."""
+    """Actors in separate processes follow the published policy, never a partial one, one
+    of them killed and restarted midway; run again in the same place, the learner resumes
+    from its last checkpoint (30, then 61)."""
     example = str(REPO / "examples" / "rl_actor_learner.py")
-    for final in (30, 60):
+    for final in (30, 61):
         r = _run(example, "--root", "rl", "--actors", "2", "--updates", "31", cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
         for actor in (0, 1):

@@ -15,12 +15,13 @@ ROOMS: dict[str, str] = {
     "_preempt": "parent", "_parts": "parent", "_guard": "parent", "_handle": "parent",
     "_generation": "parent", "_supervisor": "parent", "_slots": "parent", "_dist": "parent",
     "_load": "parent", "_watch": "parent", "_load_remote": "parent",
+    "_publish": "parent", "_follow": "parent",
     # the daemon process
     "_daemon": "daemon", "_persist": "daemon", "_writer": "daemon", "_records": "daemon",
     "_direct": "daemon", "_dcp_errors": "daemon",
     # the contracts between them
-    "_protocol": "wire", "_messages": "wire",
-    "_staging": "staging", "_arena": "staging",
+    "_protocol": "wire", "_messages": "wire", "_pubwire": "wire",
+    "_staging": "staging", "_arena": "staging", "_versions": "staging",
     "_storage": "disk", "_manifest": "disk", "_retention": "disk", "_safe": "disk",
     "_store": "disk", "_roots": "disk", "_store_s3": "disk",
     # tools, and what everything shares
