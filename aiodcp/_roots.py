@@ -8,8 +8,10 @@ taken for a local directory named ``s3:``; everything else is a local directory
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,12 @@ SUPPORTED_SCHEMES = ("s3",)
 # "s3://b/p", "s3:/b/p", "gs://b": a scheme, then at least one slash. A plain relative
 # name with a colon ("run:3") stays a local path, as it always was.
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/")
+
+
+def _installed(module: str) -> bool:
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    return importlib.util.find_spec(module) is not None
 
 
 def split_scheme(root: str) -> str | None:
@@ -53,6 +61,8 @@ def open_store(
         return LocalStore(Path(text).absolute())  # as before the seam: no normalising
     if scheme == "s3":
         try:
+            if not _installed("boto3"):  # imported with the first client, not here
+                raise ImportError("No module named 'boto3'")
             from ._store_s3 import S3Store
         except ImportError as exc:
             raise ImportError(

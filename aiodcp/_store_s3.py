@@ -51,9 +51,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
-import boto3
-import botocore.config
-import botocore.exceptions
+import botocore.exceptions  # ~0.1 s; boto3 itself (~1 s) is imported with the first client
 
 from . import _manifest, _storage
 from ._errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError
@@ -193,6 +191,9 @@ class S3Store(Store):
         """The boto3 client, created on first use in this process (never inherited)."""
         with self._client_lock:
             if self._client is None:
+                import boto3
+                import botocore.config
+
                 o = self.options
                 config = botocore.config.Config(
                     retries={"mode": "standard", "max_attempts": o.max_attempts},
@@ -565,7 +566,8 @@ class S3Store(Store):
     ) -> None:
         """Queue one file's parts; the last part to finish completes the upload, and any
         failure aborts it (nothing is left behind but what the sweep aborts)."""
-        chunk = max(5 << 20, self.options.multipart_chunksize)
+        # S3: parts of at least 5 MiB, at most 10,000 of them (bigger files, bigger parts)
+        chunk = max(5 << 20, self.options.multipart_chunksize, -(-up.size // 10_000))
         nparts = max(1, -(-up.size // chunk))
         state: dict[str, Any] = {"id": None, "parts": {}, "left": nparts, "over": False}
         lock = threading.Lock()

@@ -216,16 +216,19 @@ async def test_watch_sees_new_commits(s3: SimpleNamespace) -> None:
     async with aiodcp.AsyncCheckpointer(s3.root) as ckpt:
         await (await ckpt.save(state(0), step=0))
 
+        started = anyio.Event()
+
         async def follow() -> None:
             async for step in aiodcp.watch(s3.root, include_latest=True, poll_interval=0.1):
                 seen.append(step)
+                started.set()
                 if step == 2:
                     return
 
-        with anyio.fail_after(30):
+        with anyio.fail_after(60):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(follow)
-                await anyio.sleep(0.2)
+                await started.wait()  # the watch began (it yielded the latest: 0)
                 for step in (1, 2):
                     await (await ckpt.save(state(step), step=step))
     assert seen == [0, 1, 2]
@@ -418,7 +421,6 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(240)
 async def test_two_ranks_upload_their_own_files_and_commit_once(
     s3: SimpleNamespace, tmp_path: Path
@@ -457,7 +459,6 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(240)
 async def test_trainer_killed_mid_upload_its_daemon_exits_and_nothing_is_visible(
     s3: SimpleNamespace, tmp_path: Path
@@ -522,7 +523,6 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(240)
 async def test_two_ranks_a_stuck_upload_on_one_fails_the_save_on_both(
     s3: SimpleNamespace, tmp_path: Path
