@@ -36,6 +36,7 @@ from ._errors import (
 )
 from ._load import load_checkpoint
 from ._publish import peer_uid, socket_name
+from ._roots import local_only
 from ._versions import Mapped, copy_into, views_state_dict
 from ._watch import _drain, _inotify
 
@@ -185,6 +186,7 @@ def follow(
     """
     if source not in ("auto", "memory", "disk"):
         raise ValueError(f"source must be 'auto', 'memory' or 'disk', got {source!r}")
+    local_only(root, "follow()")
     return Follower(Path(root), rank, source, poll_interval)
 
 

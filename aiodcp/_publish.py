@@ -39,6 +39,7 @@ from . import _pubwire as w
 from ._arena import Arena
 from ._errors import CheckpointError, ProtocolError
 from ._parts import Parts
+from ._roots import local_only
 from ._staging import Flat
 from ._versions import Sealed, Spare, seal_from_arena, seal_from_state
 
@@ -191,6 +192,7 @@ class Publisher:
             raise ValueError(f"ring must be an int >= 1, got {ring!r}")
         if when_full not in ("skip", "wait", "allocate"):
             raise ValueError(f"when_full must be 'skip', 'wait' or 'allocate', got {when_full!r}")
+        local_only(root, "Publisher")
         self.root = Path(root)
         self.rank = rank
         self.ring = ring

@@ -38,6 +38,16 @@ def split_scheme(root: str) -> str | None:
     return m.group(1).lower() if m else None
 
 
+def local_only(root: str | os.PathLike[str], what: str) -> None:
+    """Refuse a URL root where only a local one is supported (never taken for a path)."""
+    text = os.fsdecode(os.fspath(root))
+    if split_scheme(text) is not None:
+        raise ValueError(
+            f"{what} needs a local root (publication is same-host), not {text!r}; "
+            "follow an object-store root with aiodcp.watch() and aiodcp.load()"
+        )
+
+
 def open_store(
     root: str | os.PathLike[str] | Store,
     storage_options: Mapping[str, Any] | None = None,

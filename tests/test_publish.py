@@ -364,3 +364,12 @@ def test_the_wire_checks_who_sends_what() -> None:
         w.Wire(w.Side.READER).send(w.Announce(1))
     with pytest.raises(ProtocolError, match="not a publication frame"):
         w.decode(b"XX" + bytes(w.FRAME - 2))
+
+
+def test_an_object_store_root_is_refused_for_publication() -> None:
+    """Publication is same-host: an s3:// root is refused at once by Publisher and
+    follow(), never taken for a local path named 's3:'."""
+    for make in (lambda: aiodcp.Publisher("s3://bucket/run"), lambda: aiodcp.follow("s3://b/r")):
+        with pytest.raises(ValueError, match="needs a local root"):
+            make()
+    assert not Path("s3:").exists()
