@@ -389,6 +389,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption, Publishing):
             return None  # aclose() twice is harmless
         if self._state == "new" or self._tg is None or self._daemons is None:
             raise RuntimeError(f"this AsyncCheckpointer was never opened (it is {self._state})")
+        self._state = "closing"  # no new save, load or guard from here on
         preempted = False
         if self._body_scope is not None:
             scope, self._body_scope = self._body_scope, None
@@ -397,28 +398,37 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption, Publishing):
         try:
             if exc_type is None:
                 try:
-                    await self.wait()
+                    await self._wait_settled()
                 except CheckpointError as e:
                     error = e
             else:
                 for handle in list(self._inflight):
                     handle.cancel()
         finally:
-            # Bounded from here on, whatever raised where: shutdown_timeout + ~15 s.
-            self._state = "closing"
-            await self._daemons.stop()
-            await self._close_task_group()
-            self._restore_signals()  # the program's own handlers, whatever ended the block
-            with anyio.CancelScope(shield=True):
-                await self._close_resources()
-            self._state = "closed"
+            # Bounded from here on, whatever raised where: shutdown_timeout + ~15 s. Each
+            # step runs whatever the one before raised (a cancellation of the block: anyio's
+            # or asyncio's own), so the lock, the arenas and the handlers are always let go.
+            try:
+                await self._daemons.stop()
+                await self._close_task_group()  # (our tasks are bounded; may re-raise a cancel)
+            finally:
+                self._restore_signals()  # the program's own handlers, whatever ended the block
+                self._finish_inflight()
+                try:
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(self._close_blocking)
+                except BaseException:
+                    self._close_blocking()  # cancelled natively meanwhile: close here, at once
+                    raise
+                finally:
+                    self._state = "closed"
         if error is not None:
             raise error
         if preempted and self.preempted is not None:
             raise SystemExit(128 + self.preempted)
         return None
 
-    async def _close_resources(self) -> None:
+    def _finish_inflight(self) -> None:
         for handle in list(self._inflight):
             self._finish(
                 handle,
@@ -428,19 +438,22 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption, Publishing):
                 ),
             )
 
-        def close() -> None:
-            for slot in self._slots.slots:
-                slot.close()
-            if self.store.remote and self.rank == 0:
-                self.store.close_writer()
-            if self._lock is not None:
-                assert isinstance(self.root, Path)
-                # no daemon runs now: whatever temporaries are left are litter
-                _retention.cleanup_leftovers(self.root)
-                self._lock.release()
-                self._lock = None
+    def _close_blocking(self) -> None:
+        """Unmap the arenas, sweep, release the writer lock (idempotent; blocking)."""
+        for slot in self._slots.slots:
+            slot.close()
+        if self.store.remote and self.rank == 0:
+            self.store.close_writer()
+        if self._lock is not None:
+            assert isinstance(self.root, Path)
+            # no daemon runs now: whatever temporaries are left are litter
+            _retention.cleanup_leftovers(self.root)
+            self._lock.release()
+            self._lock = None
 
-        await anyio.to_thread.run_sync(close)
+    async def _close_resources(self) -> None:
+        self._finish_inflight()
+        await anyio.to_thread.run_sync(self._close_blocking)
 
     def _check_open(self) -> None:
         if self._state != "open":
@@ -501,6 +514,9 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption, Publishing):
         handle or an earlier ``wait()``); cancelling ``wait()`` cancels no save.
         """
         self._check_open()
+        await self._wait_settled()
+
+    async def _wait_settled(self) -> None:
         while self._inflight:
             await next(iter(self._inflight))._settled.wait()
         failures = [h for h in self._unobserved if not h._observed]

@@ -64,12 +64,18 @@ class Guard:
                 self._hooks.append(obj.register_forward_pre_hook(self._before_forward))
                 self._modules.append(obj)
 
+    def _copying(self) -> list[SaveHandle]:
+        """The saves whose copy thread has started. One still waiting for its slot or its
+        daemon (its ``save()`` call has not returned) is not waited for: only the event
+        loop, which this hook may be holding, can start its copy."""
+        return [h for h in self._handles() if h._copy is not None]
+
     def buffer_pointers(self) -> set[int]:
         """Storage addresses of the guarded modules' buffers (copied first)."""
         return {b.data_ptr() for m in self._modules for b in m.buffers() if b.numel()}
 
     def _before_step(self, *args: Any, **kwargs: Any) -> None:
-        handles = self._handles()
+        handles = self._copying()
         pending = [h for h in handles if not h.is_staged()]
         if pending:
             self.waits += 1
@@ -85,7 +91,7 @@ class Guard:
         self._hand_over()  # copies that finished start persisting now
 
     def _before_forward(self, *args: Any, **kwargs: Any) -> None:
-        handles = self._handles()
+        handles = self._copying()
         pending = [h for h in handles if not h._buffers_flag.is_set()]
         if pending:
             self.waits += 1

@@ -17,6 +17,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 import anyio.to_thread
+import torch
 
 from . import _protocol as p
 from . import _storage
@@ -351,7 +352,28 @@ def taken_now(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
     count) are the call's, whatever changes before an overlapped copy runs."""
     if not isinstance(state_dict, Mapping) or not any(_is_stateful(v) for v in state_dict.values()):
         return state_dict
-    return {k: (v.state_dict() if _is_stateful(v) else v) for k, v in state_dict.items()}
+    return {
+        k: (_hyper_cloned(v.state_dict()) if _is_stateful(v) else v) for k, v in state_dict.items()
+    }
+
+
+def _hyper_cloned(state: Any) -> Any:
+    """An optimizer's state dict with the tensors in its ``param_groups`` cloned: a
+    tensor learning rate is updated in place by a scheduler, which no guard sees."""
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    if not isinstance(groups, list) or not any(
+        isinstance(v, torch.Tensor) for g in groups if isinstance(g, dict) for v in g.values()
+    ):
+        return state
+    return {
+        **state,
+        "param_groups": [
+            {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in g.items()}
+            if isinstance(g, dict)
+            else g
+            for g in groups
+        ],
+    }
 
 
 def _cuda_stream() -> Any:

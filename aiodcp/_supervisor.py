@@ -57,11 +57,14 @@ class Supervisor:
         self._lock = anyio.Lock()
         self._numbers = 0
         self.current: Generation | None = None
+        self.closed = False
         self._agreement = DaemonAgreement(group) if group.distributed else None
 
     async def for_save(self) -> Generation:
         """A serving daemon for the next save; every rank calls it once per save."""
         async with self._lock:
+            if self.closed:
+                raise CheckpointError("the checkpointer is closing: no new save starts")
             gen = self.current
             alive = gen is not None and gen.alive
             rdv: Rendezvous | None = None
@@ -121,7 +124,9 @@ class Supervisor:
             raise CheckpointError(f"cannot start the checkpoint daemon: {exc}") from exc
 
     async def stop(self) -> None:
-        """Stop the current generation; bounded (see :meth:`Generation.stop`)."""
+        """Stop the current generation for good; bounded (see :meth:`Generation.stop`).
+        A save that asks for a daemon afterwards is refused, never given a new one."""
+        self.closed = True
         with anyio.CancelScope(shield=True):
             if self.current is not None:
                 await self.current.stop(self._shutdown_timeout)

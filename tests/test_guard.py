@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.lowlevel
 import pytest
 import torch
 
@@ -168,3 +170,53 @@ async def test_an_illegal_handle_move_raises() -> None:
     handle._finish(None, aiodcp.CheckpointCancelledError("x", step=3))
     with pytest.raises(RuntimeError, match="illegal move done -> persisting"):
         handle._move("persisting")
+
+
+async def test_a_guarded_step_in_another_task_never_waits_for_a_save_not_yet_copying(
+    root: Path,
+) -> None:
+    """One task trains (guarded forward and opt.step(), yielding between steps) while
+    another saves: a hook used to wait for a save whose copy had not started -- only the
+    loop it was holding could start it -- and hung for ever."""
+    model, opt, _ = bn_model()
+    state = {"model": model, "optim": opt}
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:
+        ckpt.guard(opt, model)
+        stop = anyio.Event()
+
+        async def train() -> None:
+            while not stop.is_set():
+                train_step(model, opt)
+                await anyio.lowlevel.checkpoint()
+
+        with blocking_allowed(), deadline(60, "saves beside a guarded training task"):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(train)
+                for i in range(6):
+                    await (await ckpt.save(state, overlap=bool(i % 2)))
+                stop.set()
+        assert await ckpt.steps() == list(range(6))
+
+
+async def test_a_tensor_learning_rate_stepped_after_save_does_not_leak(
+    root: Path, slow_copies: None
+) -> None:
+    """A scheduler updates a tensor lr in place (torch's recommendation for compiled
+    optimizers); an overlapped save must keep the lr of its call, as with a float lr."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8)
+    opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(0.01))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:
+        ckpt.guard(opt, model)
+        model(torch.randn(2, 8)).sum().backward()
+        opt.step()  # (a scheduler steps after an optimizer step)
+        lr = float(opt.param_groups[0]["lr"])
+        handle = await ckpt.save({"model": model, "optim": opt, "sched": sched}, overlap=True)
+        sched.step()  # in place, while the copy has not read the state yet
+        await handle
+        fresh = torch.nn.Linear(8, 8)
+        fresh_opt = torch.optim.Adam(fresh.parameters(), lr=torch.tensor(1.0))
+        fresh_sched = torch.optim.lr_scheduler.StepLR(fresh_opt, step_size=1, gamma=0.5)
+        await ckpt.load({"model": fresh, "optim": fresh_opt, "sched": fresh_sched})
+        assert float(fresh_opt.param_groups[0]["lr"]) == lr

@@ -191,3 +191,69 @@ async def test_an_unopened_checkpointer_says_so(root: Path) -> None:
             await call()
     with pytest.raises(RuntimeError, match="not open"):
         ckpt.guard(torch.nn.Linear(1, 1))
+
+
+@pytest.mark.parametrize("how", ["task.cancel", "anyio scope"])
+def test_a_block_left_by_cancellation_closes_for_good(root: Path, how: str) -> None:
+    """Leaving `async with` by cancellation (asyncio's task.cancel(), an anyio scope, as
+    Ctrl-C or a timeout do) finishes closing: state closed, writer lock and arenas let go,
+    the root opens again in the same process (it used to stay 'closing', holding both)."""
+    import anyio
+
+    holder: list[aiodcp.AsyncCheckpointer] = []
+    saved = asyncio.Event()
+
+    async def body() -> None:
+        async with aiodcp.AsyncCheckpointer(root) as ckpt:
+            holder.append(ckpt)
+            await (await ckpt.save({"w": torch.ones(1 << 16)}, step=0))
+            saved.set()
+            await asyncio.sleep(3600)
+
+    async def main() -> None:
+        if how == "task.cancel":
+            task = asyncio.ensure_future(body())
+            await saved.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(body)
+                await saved.wait()
+                tg.cancel_scope.cancel()
+        assert holder[0]._state == "closed" and holder[0]._lock is None
+        async with aiodcp.AsyncCheckpointer(root) as again:
+            assert await again.steps() == [0]
+
+    asyncio.run(main())
+
+
+@pytest.mark.asyncio
+async def test_a_save_that_starts_while_the_block_exits_is_refused(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task that saves while `async with` exits (waiting for a slow save in flight) gets
+    a clear error (it used to be accepted, then got anyio's 'task group is not active' or
+    a daemon that the close started and killed)."""
+    import anyio
+
+    monkeypatch.setenv("AIODCP_TEST_SLOW_WRITE", "1.0")  # the in-flight save takes a while
+    errors: list[BaseException] = []
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:
+        await ckpt.save({"w": torch.zeros(4)}, step=0)  # persisting as the block exits
+
+        async def saver() -> None:
+            await anyio.sleep(0.3)  # the exit is waiting for step 0 now
+            try:
+                await ckpt.save({"w": torch.zeros(4)}, step=1)
+            except BaseException as exc:
+                errors.append(exc)
+
+        task = asyncio.ensure_future(saver())
+    await task
+    assert errors and isinstance(errors[0], RuntimeError) and "closing" in str(errors[0]), errors
+    assert ckpt.daemon_pid is None
+    assert await anyio.to_thread.run_sync(lambda: sorted(p.name for p in root.glob("step_*"))) == [
+        "step_0"
+    ]
