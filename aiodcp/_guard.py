@@ -20,6 +20,7 @@ it only for the rest of a copy that runs with the GIL released.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -76,34 +77,36 @@ class Guard:
 
     def _before_step(self, *args: Any, **kwargs: Any) -> None:
         handles = self._copying()
-        pending = [h for h in handles if not h.is_staged()]
-        if pending:
-            self.waits += 1
-            if self.strict:
-                steps = sorted(h.step for h in pending)
-                raise RuntimeError(
-                    f"state is being mutated while save(s) of step(s) {steps} are still "
-                    "staging; await handle.staged() first"
-                )
-            for handle in pending:
-                handle._staged_flag.wait()  # set by the copy thread, whatever the outcome
+        # the staged flag: set by the copy thread, whatever the outcome
+        self._wait(handles, lambda h: h._staged_flag, "state is being mutated", "staging")
         self._report(handles)
         self._hand_over()  # copies that finished start persisting now
 
     def _before_forward(self, *args: Any, **kwargs: Any) -> None:
         handles = self._copying()
-        pending = [h for h in handles if not h._buffers_flag.is_set()]
-        if pending:
-            self.waits += 1
-            if self.strict:
-                steps = sorted(h.step for h in pending)
-                raise RuntimeError(
-                    f"forward() would update buffers that save(s) of step(s) {steps} are still "
-                    "copying; await handle.staged() first"
-                )
-            for handle in pending:
-                handle._buffers_flag.wait()
+        self._wait(handles, lambda h: h._buffers_flag, "forward() would update buffers", "copying")
         self._report(handles)
+
+    def _wait(
+        self,
+        handles: list[SaveHandle],
+        flag: Callable[[SaveHandle], threading.Event],
+        what: str,
+        doing: str,
+    ) -> None:
+        """Wait until ``flag`` is set on every handle (strict: raise if one is not)."""
+        pending = [h for h in handles if not flag(h).is_set()]
+        if not pending:
+            return
+        self.waits += 1
+        if self.strict:
+            steps = sorted(h.step for h in pending)
+            raise RuntimeError(
+                f"{what} while save(s) of step(s) {steps} are still {doing}; "
+                "await handle.staged() first"
+            )
+        for handle in pending:
+            flag(handle).wait()
 
     def _report(self, handles: list[SaveHandle]) -> None:
         """A copy that failed is reported once: logged, or (strict) raised here."""
