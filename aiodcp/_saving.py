@@ -122,10 +122,10 @@ class Saving(Parts):
             handle._observed = True
             handle.cancel()  # the stage task aborts it once the copy has stopped
             raise
-        if handle.done() and handle._error is not None and handle._gen is None:
-            handle._observed = True  # raised here, to the caller
-            raise handle._error
-        return handle
+        if handle.done() and handle._copy_error is not None:
+            handle._observed = True  # the copy's own error (TypeError, step exists): raised here
+            raise handle._error if handle._error is not None else handle._copy_error
+        return handle  # sent; or failed later (its daemon died meanwhile): the handle says so
 
     async def _stage(self, handle: SaveHandle, gen: Generation, copying: CopyThread) -> None:
         """The save's owner from its copy to its hand-over: wait for the copy to stop
