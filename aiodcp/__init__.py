@@ -21,12 +21,12 @@ import warnings as _warnings
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._checkpointer import AsyncCheckpointer, SaveEvent, SaveHandle, SaveResult
-    from ._follow import Follower, Version, follow
-    from ._guard import Guard
-    from ._load import hold, load
-    from ._publish import Publisher
-    from ._watch import watch
+    from ._parent._checkpointer import AsyncCheckpointer, SaveEvent, SaveHandle, SaveResult
+    from ._parent._follow import Follower, Version, follow
+    from ._parent._guard import Guard
+    from ._parent._load import hold, load
+    from ._parent._publish import Publisher
+    from ._parent._watch import watch
 
 from ._errors import (
     CheckpointCancelledError,
@@ -45,18 +45,18 @@ from ._errors import (
 # The names that need torch load on first use (PEP 562), so that `aiodcp ls`,
 # `verify` and `gc` start without importing torch.
 _LAZY = {
-    "AsyncCheckpointer": "._checkpointer",
-    "SaveEvent": "._checkpointer",
-    "SaveHandle": "._checkpointer",
-    "SaveResult": "._checkpointer",
-    "Guard": "._guard",
-    "Follower": "._follow",
-    "Version": "._follow",
-    "follow": "._follow",
-    "Publisher": "._publish",
-    "hold": "._load",
-    "load": "._load",
-    "watch": "._watch",
+    "AsyncCheckpointer": "._parent._checkpointer",
+    "SaveEvent": "._parent._checkpointer",
+    "SaveHandle": "._parent._checkpointer",
+    "SaveResult": "._parent._checkpointer",
+    "Guard": "._parent._guard",
+    "Follower": "._parent._follow",
+    "Version": "._parent._follow",
+    "follow": "._parent._follow",
+    "Publisher": "._parent._publish",
+    "hold": "._parent._load",
+    "load": "._parent._load",
+    "watch": "._parent._watch",
 }
 
 

@@ -118,7 +118,7 @@ async def run(args: argparse.Namespace, url: str) -> None:
     import boto3
 
     import aiodcp
-    from aiodcp._roots import open_store
+    from aiodcp._disk._roots import open_store
 
     assert open_store("s3://bench/aiodcp").remote, "this aiodcp has no S3 support"
     bucket = "bench"

@@ -35,7 +35,7 @@ try:
 except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import aiodcp
-from aiodcp._arena import Arena
+from aiodcp._staging._arena import Arena
 
 GIB = 1 << 30
 CHUNK = 256 << 20  # bytes per tensor of the saved state

@@ -42,7 +42,7 @@ MUTANTS = [
     Mutant(
         "no-commit",
         "commit() returns before the rename: nothing is ever published",
-        "aiodcp/_storage.py",
+        "aiodcp/_disk/_storage.py",
         '    _fault_point("before_rename")\n',
         '    _fault_point("before_rename")\n    return final\n',
         (
@@ -52,7 +52,7 @@ MUTANTS = [
     Mutant(
         "no-copy",
         "Arena.stage copies nothing (the arena keeps what it had: zeros at first)",
-        "aiodcp/_arena.py",
+        "aiodcp/_staging/_arena.py",
         "                torch._foreach_copy_(cpu_dst[lo : lo + _COPY_CHUNK], "
         "cpu_src[lo : lo + _COPY_CHUNK])\n",
         "                pass\n",
@@ -61,7 +61,7 @@ MUTANTS = [
     Mutant(
         "no-cancel",
         "SaveHandle.cancel() does nothing (and says it did)",
-        "aiodcp/_handle.py",
+        "aiodcp/_parent/_handle.py",
         "        self._cancel_requested = True\n"
         "        if self._cancel_hook is not None:\n"
         "            self._cancel_hook(self)\n"
@@ -72,7 +72,7 @@ MUTANTS = [
     Mutant(
         "no-hold",
         "hold_step() creates its lease file but takes no lock on it: no lease",
-        "aiodcp/_retention.py",
+        "aiodcp/_disk/_retention.py",
         "        fcntl.flock(fd, fcntl.LOCK_SH)\n        return fd\n",
         "        return fd\n",
         ("tests/test_watch.py::test_hold_keeps_a_step_through_keep_last_1[asyncio]",),
@@ -80,7 +80,7 @@ MUTANTS = [
     Mutant(
         "hold-always-raises",
         "hold() raises CheckpointNotFoundError for every step",
-        "aiodcp/_retention.py",
+        "aiodcp/_disk/_retention.py",
         "        if not (step_dir(root, step) / METADATA).is_file():\n",
         "        if True:\n",
         ("tests/test_watch.py::test_watcher_in_another_process_sees_every_commit[asyncio]",),
@@ -88,7 +88,7 @@ MUTANTS = [
     Mutant(
         "no-munmap",
         "the daemon never unmaps a released arena",
-        "aiodcp/_arena.py",
+        "aiodcp/_staging/_arena.py",
         "            _libc().munmap(ctypes.c_void_p(addr), ctypes.c_size_t(self.size))\n",
         "            pass\n",
         ("tests/test_ownership.py::test_released_arenas_are_unmapped_with_the_gc_off",),
@@ -96,7 +96,7 @@ MUTANTS = [
     Mutant(
         "arena-never-closed",
         "Arena.close() keeps the memfd open",
-        "aiodcp/_arena.py",
+        "aiodcp/_staging/_arena.py",
         "        if self.fd >= 0:\n            os.close(self.fd)\n            self.fd = -1\n",
         "",
         ("tests/test_ownership.py::test_prepare_during_save_never_shares_a_slot",),
@@ -104,7 +104,7 @@ MUTANTS = [
     Mutant(
         "copy-on-loop",
         "save() makes an extra full copy of the state on the event loop's thread",
-        "aiodcp/_saving.py",
+        "aiodcp/_parent/_saving.py",
         "        stream = _cuda_stream()\n",
         "        stream = _cuda_stream()\n"
         "        import torch\n\n"
@@ -115,7 +115,7 @@ MUTANTS = [
     Mutant(
         "daemon-drops-replies",
         "the daemon drops a frame when its socket is full instead of waiting",
-        "aiodcp/_daemon.py",
+        "aiodcp/_daemon/_daemon.py",
         "                self.sock.sendall(frame)\n                return True\n",
         "                try:\n"
         "                    sent = self.sock.send(frame, socket.MSG_DONTWAIT)\n"
@@ -129,7 +129,7 @@ MUTANTS = [
     Mutant(
         "decoder-rejects-truncated",
         "decode_frame() raises on a frame whose body has not all arrived",
-        "aiodcp/_protocol.py",
+        "aiodcp/_wire/_protocol.py",
         "    if len(buf) < end:\n        return None\n",
         '    if len(buf) < end:\n        raise ProtocolError("truncated frame")\n',
         ("tests/test_protocol.py::test_fuzz_truncated_and_mutated_frames",),
@@ -137,7 +137,7 @@ MUTANTS = [
     Mutant(
         "kill-points-after-rename-never-fire",
         "the test hook kills the daemon before the rename only",
-        "aiodcp/_storage.py",
+        "aiodcp/_disk/_storage.py",
         "    if os.environ.get(KILL_AT_ENV) == point:\n",
         '    if os.environ.get(KILL_AT_ENV) == point == "before_rename":\n',
         ("tests/test_commit_faults.py::test_kill_at_each_commit_step_then_reconcile[after_log]",),

@@ -18,10 +18,10 @@ from blockbuster import blockbuster_ctx
 # aiodcp loads its torch-side names on first use (PEP 562, so that `aiodcp ls` starts
 # without torch); load them now, not on a first access inside an async test under
 # blockbuster (the import machinery's file reads would count as blocking calls).
-import aiodcp._checkpointer
-import aiodcp._guard
-import aiodcp._load
-import aiodcp._watch  # noqa: F401
+import aiodcp._parent._checkpointer
+import aiodcp._parent._guard
+import aiodcp._parent._load
+import aiodcp._parent._watch  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -89,7 +89,7 @@ def daemon_pids() -> set[int]:
                 stat = f.read()
         except OSError:
             continue
-        if any(b"aiodcp._daemon" in arg for arg in cmd) and " Z " not in stat:
+        if any(b"aiodcp._daemon._daemon" in arg for arg in cmd) and " Z " not in stat:
             out.add(int(entry))
     return out
 

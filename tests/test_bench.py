@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from aiodcp._bench import interleaved, make_state, tensors_of
+from aiodcp._tools._bench import interleaved, make_state, tensors_of
 
 from .conftest import REPO
 

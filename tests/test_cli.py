@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from aiodcp._cli import main
+from aiodcp._tools._cli import main
 
 from .conftest import REPO
 
@@ -131,7 +131,7 @@ def test_ls_and_inspect_agree_on_a_missing_directory(
 
 def test_ls_verify_gc_do_not_import_torch(ck: Path) -> None:
     code = (
-        "import sys; from aiodcp._cli import main\n"
+        "import sys; from aiodcp._tools._cli import main\n"
         f"for argv in (['ls', {str(ck)!r}], ['verify', {str(ck)!r}], ['gc', {str(ck)!r}]):\n"
         "    assert main(argv) == 0, argv\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import aiodcp
-from aiodcp import _manifest
-from aiodcp import _storage as s
+from aiodcp._disk import _manifest
+from aiodcp._disk import _storage as s
 
 pytestmark = pytest.mark.asyncio
 

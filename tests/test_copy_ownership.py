@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import aiodcp
-from aiodcp import _arena
+from aiodcp._staging import _arena
 
 pytestmark = pytest.mark.asyncio
 

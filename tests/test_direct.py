@@ -19,8 +19,9 @@ import pytest
 import torch
 
 import aiodcp
-from aiodcp import _arena, _direct
-from aiodcp._direct import ALIGN, DirectFile
+from aiodcp._daemon import _direct
+from aiodcp._daemon._direct import ALIGN, DirectFile
+from aiodcp._staging import _arena
 
 needs_o_direct = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT")
 
@@ -164,7 +165,7 @@ def test_file_too_large_is_raised_not_swallowed(tmp_path: Path) -> None:
 import errno, resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, ((1 << 20) + 100, resource.RLIM_INFINITY))
-from aiodcp._direct import DirectFile
+from aiodcp._daemon._direct import DirectFile
 try:
     with DirectFile({str(tmp_path / "f")!r}, buffer_size=1 << 16) as f:
         for _ in range(64):

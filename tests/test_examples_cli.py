@@ -58,8 +58,8 @@ def test_demo_progress_is_one_line_per_save() -> None:
     import contextlib
     import io
 
-    from aiodcp._checkpointer import SaveEvent
-    from aiodcp._cli import _Progress
+    from aiodcp._parent._checkpointer import SaveEvent
+    from aiodcp._tools._cli import _Progress
 
     events = [
         SaveEvent(3, "staged", 0, 4 << 20, 0.01),

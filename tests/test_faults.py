@@ -407,7 +407,7 @@ import os, sys
 if "AIODCP_PACKAGE_PARENT" in os.environ:  # only in aiodcp's daemon
     class _Fail:
         def find_spec(self, name, path=None, target=None):
-            if name == "aiodcp._persist":
+            if name == "aiodcp._daemon._persist":
                 raise RuntimeError("injected start-up failure")
             return None
     sys.meta_path.insert(0, _Fail())

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import aiodcp
-from aiodcp import _arena
-from aiodcp._handle import SaveHandle
+from aiodcp._parent._handle import SaveHandle
+from aiodcp._staging import _arena
 
 from .test_overlap import assert_tree_equal, blocking_allowed, clone_tree, deadline
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import aiodcp
-from aiodcp import _checkpointer
-from aiodcp._dist import Group
+from aiodcp._parent import _checkpointer
+from aiodcp._parent._dist import Group
 
 from .conftest import run_script
 
@@ -92,7 +92,7 @@ async def test_when_busy_skip_is_refused_with_several_ranks(
 def test_a_generations_states_are_an_enforced_table() -> None:
     """A daemon generation moves starting -> serving -> retiring -> exited; an exited one
     cannot serve again (an illegal move raises instead of silently reviving it)."""
-    from aiodcp._generation import Generation
+    from aiodcp._parent._generation import Generation
 
     gen = Generation.__new__(Generation)
     gen.number, gen.pid, gen._state = 1, 123, "starting"
@@ -107,7 +107,7 @@ def test_a_generations_states_are_an_enforced_table() -> None:
 def test_the_daemons_stop_state_moves_once_and_the_first_reason_wins() -> None:
     """A SIGTERM during a graceful Terminate is still a graceful exit; nothing goes back
     to running."""
-    from aiodcp._persist import Stop, Stopping
+    from aiodcp._daemon._persist import Stop, Stopping
 
     stopping = Stopping()
     assert not stopping.dying

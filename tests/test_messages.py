@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import aiodcp
-from aiodcp import _staging, _storage
+from aiodcp._disk import _storage
 from aiodcp._errors import CheckpointError
+from aiodcp._staging import _staging
 
 from .conftest import REPO
 
@@ -52,7 +53,7 @@ def test_a_root_in_use_names_its_holder_and_what_to_do(tmp_path: Path) -> None:
             textwrap.dedent(f"""
                 import sys
                 from pathlib import Path
-                from aiodcp import _storage
+                from aiodcp._disk import _storage
                 _storage.WriterLock(Path({str(tmp_path)!r})).acquire()
                 print("held", flush=True)
                 sys.stdin.read()

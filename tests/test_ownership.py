@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import aiodcp
-from aiodcp import CheckpointCancelledError, CheckpointExistsError, _generation
+from aiodcp import CheckpointCancelledError, CheckpointExistsError
+from aiodcp._parent import _generation
 
 from .conftest import run_script
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aiodcp import ProtocolError
-from aiodcp import _protocol as p
+from aiodcp._wire import _protocol as p
 
 
 def _serving_pair() -> tuple[p.Connection, p.Connection]:

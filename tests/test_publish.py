@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import aiodcp
-from aiodcp import _pubwire as w
 from aiodcp._errors import ProtocolError
-from aiodcp._versions import Mapped, _HeaderUnpickler
+from aiodcp._staging._versions import Mapped, _HeaderUnpickler
+from aiodcp._wire import _pubwire as w
 
 from .conftest import REPO
 from .publish_worker import state

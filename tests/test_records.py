@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from aiodcp import _records
+from aiodcp._daemon import _records
 
 
 class _Sink:

@@ -18,7 +18,7 @@ import torch.distributed.checkpoint as dcp
 
 import aiodcp
 from aiodcp import CheckpointExistsError, CheckpointNotFoundError, WorkerDiedError
-from aiodcp import _storage as s
+from aiodcp._disk import _storage as s
 
 from .conftest import REPO
 
@@ -155,7 +155,7 @@ def test_containers_are_staged_as_plain_dicts() -> None:
     """Every mapping in the skeleton is a plain dict with str/int keys (DCP's view of it)."""
     from collections import OrderedDict
 
-    from aiodcp._staging import flatten
+    from aiodcp._staging._staging import flatten
 
     class Mine(dict):  # type: ignore[type-arg]
         pass

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import aiodcp
-from aiodcp import _cli
-from aiodcp._roots import open_store
+from aiodcp._disk._roots import open_store
+from aiodcp._tools import _cli
 
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto")
@@ -105,7 +105,7 @@ async def test_unsupported_or_malformed_url_is_refused_everywhere(
 async def test_s3_without_the_extra_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without boto3, an s3:// root asks for ``pip install aiodcp[s3]``."""
     monkeypatch.setitem(sys.modules, "boto3", None)
-    monkeypatch.delitem(sys.modules, "aiodcp._store_s3", raising=False)
+    monkeypatch.delitem(sys.modules, "aiodcp._disk._store_s3", raising=False)
     with pytest.raises(ImportError, match=r"pip install 'aiodcp\[s3\]'"):
         open_store("s3://bucket/run")
 

@@ -20,10 +20,11 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import aiodcp
-from aiodcp import CheckpointCorruptError, CheckpointError, _manifest, _retention
-from aiodcp import _storage as s
-from aiodcp._cli import main as cli
-from aiodcp._handle import SaveResult
+from aiodcp import CheckpointCorruptError, CheckpointError
+from aiodcp._disk import _manifest, _retention
+from aiodcp._disk import _storage as s
+from aiodcp._parent._handle import SaveResult
+from aiodcp._tools._cli import main as cli
 
 pytestmark = pytest.mark.asyncio
 

@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 
-from aiodcp._arena import Arena, MappedArena
-from aiodcp._staging import (
+from aiodcp._staging._arena import Arena, MappedArena
+from aiodcp._staging._staging import (
     PickledLeaf,
     TensorSpec,
     dumps_skeleton,

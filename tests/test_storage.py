@@ -16,10 +16,9 @@ from aiodcp import (
     CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
-    _manifest,
-    _retention,
 )
-from aiodcp import _storage as s
+from aiodcp._disk import _manifest, _retention
+from aiodcp._disk import _storage as s
 
 
 def _write_tmp(root: Path, step: int, value: float = 1.0) -> Path:
@@ -170,7 +169,7 @@ def test_commit_writes_a_manifest_that_verifies(tmp_path: Path) -> None:
 KILLED_COMMIT = """
 import os, sys, torch, torch.distributed.checkpoint as dcp
 from pathlib import Path
-from aiodcp import _storage as s
+from aiodcp._disk import _storage as s
 root, point = Path(sys.argv[1]), sys.argv[2]
 for step in (0, 1):
     tmp = s.tmp_dir(root, step, s.new_token())

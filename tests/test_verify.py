@@ -21,11 +21,10 @@ from aiodcp import (
     CheckpointCorruptError,
     CheckpointMismatchError,
     SaveFailedError,
-    _manifest,
-    _retention,
 )
-from aiodcp import _storage as s
-from aiodcp._cli import main as cli
+from aiodcp._disk import _manifest, _retention
+from aiodcp._disk import _storage as s
+from aiodcp._tools._cli import main as cli
 
 pytestmark = pytest.mark.asyncio
 

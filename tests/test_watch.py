@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import aiodcp
-from aiodcp import _watch
+from aiodcp._parent import _watch
 
 pytestmark = pytest.mark.asyncio
 

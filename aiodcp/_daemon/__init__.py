@@ -1,0 +1,1 @@
+"""The daemon's side: the child process that writes checkpoints."""

@@ -1,0 +1,798 @@
+"""Checkpoints in an S3-compatible object store: ``s3://bucket/prefix``.
+
+Layout (the same DCP step directories as on a filesystem, under their final keys)::
+
+    prefix/step_100/.metadata, __0_0.distcp, ...   data: written once, never renamed
+    prefix/step_100/.aiodcp-manifest.json          size + xxh3_64 of every file
+    prefix/.commits/step_100                       the commit marker: created with
+                                                   If-None-Match: * after all of the above
+    prefix/.pending/step_200                       a save in progress (its intent)
+    prefix/.holds/step_100.<id>                    a reader's lease, renewed while held
+
+A step is committed iff its marker exists: ``steps``, ``latest``, ``watch``, loading and
+retention look at the markers only. The commit (see the README, "Object storage"):
+rank 0 writes the intent; every rank writes its DCP files into a local spool exactly as
+for a local root (same writer, hashing, checks), the ranks vote, then every rank uploads
+*its own* files (multipart with bounded concurrency above ``multipart_threshold``;
+every multipart upload completed or aborted; a per-upload progress watchdog); the ranks
+agree that every upload succeeded; rank 0 checks the objects against ``.metadata`` and
+the manifest (sizes), puts the manifest, then the marker (create-only). Leftovers of an
+interrupted save (objects of a step with an intent and no marker, multipart uploads
+under an uncommitted step) are swept by the next writer at open, and after a failed save.
+
+The client is boto3 (botocore), created lazily in the process that uses it (so the
+daemon creates its own after spawn): its full S3 API (conditional puts,
+ListMultipartUploads/Abort, ranged GETs), its ``standard`` retry mode (exponential
+backoff with jitter on throttling, 5xx, connection errors and timeouts), credentials
+and endpoint from the standard chain (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+profiles, instance roles). Credentials are never passed through aiodcp: not in
+``storage_options``, not on the daemon's command line, not in logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+import logging
+import os
+import queue
+import re
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+
+import botocore.exceptions  # ~0.1 s; boto3 itself (~1 s) is imported with the first client
+
+from .._errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError
+from . import _manifest, _storage
+from ._safe import safe_relative
+from ._store import Store
+
+__all__ = ["S3Options", "S3Store", "UploadStalledError"]
+
+log = logging.getLogger("aiodcp")
+
+COMMITS = ".commits"
+PENDING = ".pending"
+HOLDS = ".holds"
+_MARKER_RE = re.compile(r"^step_(0|[1-9][0-9]{0,17})$", re.ASCII)
+_HOLD_RE = re.compile(r"^step_(0|[1-9][0-9]{0,17})\.[0-9a-f]{32}$", re.ASCII)
+_STEP_KEY_RE = re.compile(r"^step_(0|[1-9][0-9]{0,17})/", re.ASCII)
+_SECRETISH = ("secret", "key_id", "token", "password", "credential")
+
+
+class UploadStalledError(CheckpointError):
+    """An upload made no progress for ``upload_stall_timeout`` seconds."""
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """``storage_options`` of an ``s3://`` root (credentials come from the environment)."""
+
+    endpoint_url: str | None = None
+    """Default: ``AWS_ENDPOINT_URL(_S3)`` or AWS itself."""
+    region_name: str | None = None
+    max_attempts: int = 8
+    """Attempts per request (botocore's ``standard`` retry mode: backoff with jitter)."""
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    multipart_threshold: int = 64 << 20
+    multipart_chunksize: int = 32 << 20
+    max_concurrency: int = 8
+    """Part (or small-file) uploads in flight per rank."""
+    upload_stall_timeout: float = 300.0
+    """Seconds an upload may make no progress before the save fails."""
+    lease_ttl: float = 60.0
+    """A reader's lease lapses this long after its holder stops renewing it."""
+    spool_dir: str | None = None
+    """Local directory of the daemons' spools (default: the system temp directory)."""
+
+    @classmethod
+    def parse(cls, options: Mapping[str, Any] | None) -> S3Options:
+        known = {f.name for f in fields(cls)}
+        for key in options or {}:
+            if any(word in key.lower() for word in _SECRETISH):
+                raise ValueError(
+                    f"storage_options[{key!r}]: aiodcp takes no credentials; use the standard "
+                    "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ...)"
+                )
+            if key not in known:
+                raise ValueError(
+                    f"unknown storage option {key!r} for an s3:// root; known: {sorted(known)}"
+                )
+        return cls(**dict(options or {}))
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _code(exc: BaseException) -> str:
+    if isinstance(exc, botocore.exceptions.ClientError):
+        return str(exc.response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+def _status(exc: BaseException) -> int:
+    if isinstance(exc, botocore.exceptions.ClientError):
+        return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    return 0
+
+
+class _Counting(io.BytesIO):
+    """A part's body that reports each read (botocore reads it as it sends)."""
+
+    def __init__(self, data: bytes, progress: Callable[[int], None]) -> None:
+        super().__init__(data)
+        self._progress = progress
+
+    def read(self, size: int | None = -1) -> bytes:
+        out = super().read(size)
+        self._progress(len(out))
+        return out
+
+
+class _Upload:
+    """Progress of one file's upload, for the watchdog."""
+
+    def __init__(self, key: str, size: int) -> None:
+        self.key = key
+        self.size = size
+        self.sent = 0
+        self.last = time.monotonic()
+        self.done = False
+
+    def progress(self, n: int) -> None:
+        self.sent += n
+        self.last = time.monotonic()
+
+
+class S3Store(Store):
+    remote = True
+
+    def __init__(self, bucket: str, prefix: str, options: S3Options) -> None:
+        self.bucket = bucket
+        self.prefix = prefix  # "" or "a/b/" (always ends with a slash)
+        self.options = options
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+
+    @classmethod
+    def from_url(cls, url: str, storage_options: Mapping[str, Any] | None) -> S3Store:
+        m = re.match(r"^[sS]3://([^/]+)(?:/(.*))?$", url)
+        if not m:
+            raise ValueError(f"checkpoint root {url!r}: expected s3://bucket/prefix")
+        bucket, prefix = m.group(1), (m.group(2) or "").strip("/")
+        if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
+            raise ValueError(f"checkpoint root {url!r}: empty, '.' or '..' in the prefix")
+        return cls(bucket, prefix + "/" if prefix else "", S3Options.parse(storage_options))
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"S3Store({str(self)!r})"
+
+    def url(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    # ------------------------------------------------------------------ client
+    @property
+    def client(self) -> Any:
+        """The boto3 client, created on first use in this process (never inherited)."""
+        with self._client_lock:
+            if self._client is None:
+                import boto3
+                import botocore.config
+
+                o = self.options
+                config = botocore.config.Config(
+                    retries={"mode": "standard", "max_attempts": o.max_attempts},
+                    connect_timeout=o.connect_timeout,
+                    read_timeout=o.read_timeout,
+                    max_pool_connections=max(10, o.max_concurrency * 2),
+                )
+                session = boto3.session.Session()
+                self._client = session.client(
+                    "s3", endpoint_url=o.endpoint_url, region_name=o.region_name, config=config
+                )
+            return self._client
+
+    def _keys(self, prefix: str) -> Iterator[dict[str, Any]]:
+        """Every object under ``prefix`` (``Key``, ``Size``, ``LastModified``)."""
+        token: str | None = None
+        while True:
+            kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+            if token:
+                kw["ContinuationToken"] = token
+            resp = self._call(self.client.list_objects_v2, **kw)
+            yield from resp.get("Contents", [])
+            if not resp.get("IsTruncated"):
+                return
+            token = resp.get("NextContinuationToken")
+
+    def _call(self, fn: Callable[..., Any], **kw: Any) -> Any:
+        """A request; a missing bucket or refused credentials as a ``CheckpointError``."""
+        try:
+            return fn(**kw)
+        except botocore.exceptions.NoCredentialsError:
+            raise CheckpointError(
+                f"{self}: no S3 credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                "or a profile)"
+            ) from None
+        except botocore.exceptions.ClientError as exc:
+            code = _code(exc)
+            if code == "NoSuchBucket":
+                raise CheckpointError(f"{self}: bucket {self.bucket!r} does not exist") from None
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
+                raise CheckpointError(
+                    f"{self}: access refused ({code}): check the S3 credentials and their "
+                    "permissions on this bucket"
+                ) from None
+            raise
+
+    def _marker(self, step: int) -> str:
+        return f"{self.prefix}{COMMITS}/step_{step}"
+
+    def _step_prefix(self, step: int) -> str:
+        return f"{self.prefix}step_{step}/"
+
+    # ----------------------------------------------------------------- reading
+    def list_steps(self) -> list[int]:
+        steps = []
+        base = f"{self.prefix}{COMMITS}/"
+        for obj in self._keys(base):
+            m = _MARKER_RE.match(obj["Key"][len(base) :])
+            if m:
+                steps.append(int(m.group(1)))
+        return sorted(steps)
+
+    def is_committed(self, step: int) -> bool:
+        try:
+            self._call(self.client.head_object, Bucket=self.bucket, Key=self._marker(step))
+            return True
+        except botocore.exceptions.ClientError as exc:
+            if _status(exc) == 404 or _code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    def exists(self, step: int, *, quick: bool = False) -> bool:
+        if self.is_committed(step):
+            return True
+        if quick:  # one round trip in the caller's copy thread; the daemon checks it all
+            return False
+        resp = self._call(
+            self.client.list_objects_v2,
+            Bucket=self.bucket,
+            Prefix=self._step_prefix(step),
+            MaxKeys=1,
+        )
+        return bool(resp.get("KeyCount", 0))
+
+    def highest_taken_step(self) -> int:
+        """The highest committed step or step prefix with objects (``step=None`` goes above)."""
+        taken = self.list_steps()
+        kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix, "Delimiter": "/"}
+        while True:
+            resp = self._call(self.client.list_objects_v2, **kw)
+            for common in resp.get("CommonPrefixes", []):
+                m = _STEP_KEY_RE.match(common["Prefix"][len(self.prefix) :])
+                if m:
+                    taken.append(int(m.group(1)))
+            if not resp.get("IsTruncated"):
+                return max(taken, default=-1)
+            kw["ContinuationToken"] = resp.get("NextContinuationToken")
+
+    def daemon_options(self) -> dict[str, Any]:
+        return self.options.to_json()
+
+    def step_path(self, step: int) -> str:
+        return self.url(self._step_prefix(step).rstrip("/"))
+
+    def step_sizes(self, step: int) -> dict[str, int]:
+        base = self._step_prefix(step)
+        return {o["Key"][len(base) :]: int(o["Size"]) for o in self._keys(base)}
+
+    def get_bytes(self, key: str) -> bytes:
+        resp = self._call(self.client.get_object, Bucket=self.bucket, Key=key)
+        data: bytes = resp["Body"].read()
+        return data
+
+    def download_step(self, step: int, dest: Path, *, names: list[str] | None = None) -> Path:
+        """Copy a committed step's files into ``dest/step_<step>`` (the files its manifest
+        names, or ``names``); returns that directory, ready for the local, safe reader.
+
+        Raises:
+            CheckpointNotFoundError: the step is not committed.
+        """
+        if not self.is_committed(step):
+            raise CheckpointNotFoundError(f"step {step} is not committed in {self}")
+        target = dest / f"step_{step}"
+        target.mkdir(parents=True, exist_ok=True)
+        base = self._step_prefix(step)
+        if names is None:
+            names = sorted(self.step_sizes(step))
+        errors: list[BaseException] = []
+
+        def fetch(name: str) -> None:
+            if not safe_relative(name) or "/" in name:
+                return  # never written outside the step (nor into a subdirectory)
+            try:
+                resp = self._call(self.client.get_object, Bucket=self.bucket, Key=base + name)
+                with open(target / name, "wb") as f:
+                    shutil.copyfileobj(resp["Body"], f, 8 << 20)
+            except BaseException as exc:
+                errors.append(exc)
+
+        _run_bounded([functools.partial(fetch, n) for n in names], self.options.max_concurrency)
+        if errors:
+            raise errors[0]
+        return target
+
+    # ----------------------------------------------------------------- writing
+    def open_writer(self, rank: int) -> None:
+        # a missing bucket or refused credentials fail here, at open, not at the first save
+        try:
+            self._call(self.client.head_bucket, Bucket=self.bucket)
+        except botocore.exceptions.ClientError as exc:
+            if _status(exc) == 404:
+                raise CheckpointError(f"{self}: bucket {self.bucket!r} does not exist") from None
+            if _status(exc) == 403:
+                raise CheckpointError(
+                    f"{self}: access refused (403): check the S3 credentials and their "
+                    "permissions on this bucket"
+                ) from None
+            raise
+        if rank == 0:
+            swept = self.cleanup_leftovers()
+            if swept:
+                log.info("removed leftovers of interrupted saves in %s: %s", self, swept)
+
+    def close_writer(self) -> None:
+        with contextlib.suppress(Exception):
+            self.cleanup_leftovers()
+
+    def cleanup_leftovers(self) -> list[Any]:
+        """Abort multipart uploads under uncommitted steps; delete the objects of steps
+        with an intent and no marker. Call it with no save in flight (one writer)."""
+        committed = set(self.list_steps())
+        removed: list[Any] = []
+        pending_base = f"{self.prefix}{PENDING}/"
+        pending = []
+        for obj in self._keys(pending_base):
+            m = _MARKER_RE.match(obj["Key"][len(pending_base) :])
+            if m:
+                pending.append((int(m.group(1)), obj["Key"]))
+        removed += self._abort_uploads(lambda s: s not in committed)
+        spool = self.spool_root
+        if spool.is_dir():  # this host's spools of killed daemons (no daemon runs now)
+            for entry in spool.iterdir():
+                if entry.name.startswith(f"{self._spool_name()}{_storage.TMP_PREFIX}"):
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(str(entry))
+        for step, key in pending:
+            if step not in committed:
+                removed += self._delete_prefix(self._step_prefix(step))
+            self._call(self.client.delete_object, Bucket=self.bucket, Key=key)
+            removed.append(self.url(key))
+        return removed
+
+    def _abort_uploads(self, doomed: Callable[[int], bool]) -> list[str]:
+        aborted = []
+        kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix}
+        while True:
+            resp = self._call(self.client.list_multipart_uploads, **kw)
+            for up in resp.get("Uploads", []):
+                m = _STEP_KEY_RE.match(up["Key"][len(self.prefix) :])
+                if m and doomed(int(m.group(1))):
+                    with contextlib.suppress(botocore.exceptions.ClientError):
+                        self.client.abort_multipart_upload(
+                            Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"]
+                        )
+                    aborted.append(f"upload {self.url(up['Key'])}")
+            if not resp.get("IsTruncated"):
+                return aborted
+            kw["KeyMarker"] = resp.get("NextKeyMarker")
+            kw["UploadIdMarker"] = resp.get("NextUploadIdMarker")
+
+    def _delete_prefix(self, prefix: str) -> list[str]:
+        keys = [o["Key"] for o in self._keys(prefix)]
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[start : start + 1000]]
+            self._call(
+                self.client.delete_objects,
+                Bucket=self.bucket,
+                Delete={"Objects": batch, "Quiet": True},
+            )
+        return [self.url(k) for k in keys]
+
+    @property
+    def spool_root(self) -> Path:
+        base = Path(self.options.spool_dir or tempfile.gettempdir())
+        return base / f"aiodcp-spool-{os.getuid()}"
+
+    def tmp_dir(self, step: int, token: str) -> Path:
+        base = self.spool_root
+        base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return base / f"{self._spool_name()}{_storage.TMP_PREFIX}step_{step}-{token}"
+
+    def _spool_name(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{self.bucket}_{self.prefix}")
+
+    def begin(self, step: int) -> None:
+        """Rank 0, before any rank uploads: record the save's intent (what the sweep reads)."""
+        self._call(
+            self.client.put_object,
+            Bucket=self.bucket,
+            Key=f"{self.prefix}{PENDING}/step_{step}",
+            Body=b"",
+        )
+
+    def abandon(self, step: int) -> None:
+        """After a failed save: abort its uploads and delete its objects (never a committed
+        step's)."""
+        if self.is_committed(step):
+            return
+        self._abort_uploads(lambda s: s == step)
+        # the intent stays: a rank still uploading is swept by the next writer's open
+        self._delete_prefix(self._step_prefix(step))
+
+    def upload(
+        self, tmp: Path, step: int, rank: int, should_stop: Callable[[], None] | None = None
+    ) -> None:
+        """Upload the files this rank wrote (rank 0: also ``.metadata``; never the manifest,
+        which rank 0 writes at the commit) under their final keys."""
+        names = sorted(
+            n
+            for n in os.listdir(tmp)
+            if re.fullmatch(rf"__{rank}_[0-9]+\.distcp", n)
+            or (rank == 0 and n == _manifest.METADATA)
+        )
+        uploads = [_Upload(self._step_prefix(step) + n, os.path.getsize(tmp / n)) for n in names]
+        self._upload_all(tmp, uploads, rank, should_stop)
+
+    def _upload_all(
+        self,
+        tmp: Path,
+        uploads: list[_Upload],
+        rank: int,
+        should_stop: Callable[[], None] | None,
+    ) -> None:
+        o = self.options
+        tasks: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        errors: list[tuple[_Upload, BaseException]] = []
+        failed = threading.Event()
+        remaining = [len(uploads)]
+        lock = threading.Lock()
+        finished = threading.Event()
+        if not uploads:
+            return
+
+        def file_done(up: _Upload) -> None:
+            up.done = True
+            with lock:
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    finished.set()
+
+        def fail(up: _Upload, exc: BaseException) -> None:
+            errors.append((up, exc))
+            failed.set()
+            finished.set()
+
+        for up in uploads:
+            path = tmp / up.key.rsplit("/", 1)[1]
+            if up.size < o.multipart_threshold:
+                tasks.put(self._put_task(path, up, file_done, fail, failed))
+            else:
+                self._multipart(path, up, tasks, file_done, fail, failed)
+
+        def worker() -> None:
+            while not failed.is_set():
+                try:
+                    task = tasks.get_nowait()
+                except queue.Empty:
+                    if finished.is_set():
+                        return
+                    time.sleep(0.005)
+                    continue
+                if task is not None:
+                    task()
+
+        # daemon threads: a stuck request never keeps the daemon from exiting
+        for i in range(max(1, o.max_concurrency)):
+            threading.Thread(target=worker, name=f"aiodcp-upload-{i}", daemon=True).start()
+        while not finished.wait(0.05):
+            if should_stop is not None:
+                try:
+                    should_stop()
+                except BaseException:
+                    failed.set()
+                    raise
+            now = time.monotonic()
+            for up in uploads:
+                if not up.done and now - up.last > o.upload_stall_timeout:
+                    failed.set()
+                    raise UploadStalledError(
+                        f"rank {rank}: upload of {self.url(up.key)} made no progress for "
+                        f"{now - up.last:.1f} s ({up.sent} of {up.size} bytes sent; "
+                        f"upload_stall_timeout={o.upload_stall_timeout})"
+                    )
+        if errors:
+            up, exc = errors[0]
+            raise CheckpointError(
+                f"rank {rank}: upload of {self.url(up.key)} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _put_task(
+        self,
+        path: Path,
+        up: _Upload,
+        done: Callable[[_Upload], None],
+        fail: Callable[[_Upload, BaseException], None],
+        failed: threading.Event,
+    ) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                data = path.read_bytes()
+                up.last = time.monotonic()
+                self.client.put_object(
+                    Bucket=self.bucket, Key=up.key, Body=_Counting(data, up.progress)
+                )
+                up.progress(0)
+                done(up)
+            except BaseException as exc:
+                fail(up, exc)
+
+        return run
+
+    def _multipart(
+        self,
+        path: Path,
+        up: _Upload,
+        tasks: queue.Queue[Callable[[], None] | None],
+        done: Callable[[_Upload], None],
+        fail: Callable[[_Upload, BaseException], None],
+        failed: threading.Event,
+    ) -> None:
+        """Queue one file's parts; the last part to finish completes the upload, and any
+        failure aborts it (nothing is left behind but what the sweep aborts)."""
+        # S3: parts of at least 5 MiB, at most 10,000 of them (bigger files, bigger parts)
+        chunk = max(5 << 20, self.options.multipart_chunksize, -(-up.size // 10_000))
+        nparts = max(1, -(-up.size // chunk))
+        state: dict[str, Any] = {"id": None, "parts": {}, "left": nparts, "over": False}
+        lock = threading.Lock()
+
+        def abort() -> None:
+            with lock:
+                if state["over"]:
+                    return
+                state["over"] = True
+            if state["id"] is not None:
+                with contextlib.suppress(Exception):
+                    self.client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=up.key, UploadId=state["id"]
+                    )
+
+        def start() -> None:
+            with lock:
+                if state["id"] is None:
+                    resp = self.client.create_multipart_upload(Bucket=self.bucket, Key=up.key)
+                    state["id"] = resp["UploadId"]
+
+        def part(number: int) -> Callable[[], None]:
+            def run() -> None:
+                try:
+                    if failed.is_set():
+                        abort()
+                        return
+                    start()
+                    with open(path, "rb") as f:
+                        f.seek((number - 1) * chunk)
+                        data = f.read(chunk)
+                    up.last = time.monotonic()
+                    resp = self.client.upload_part(
+                        Bucket=self.bucket,
+                        Key=up.key,
+                        UploadId=state["id"],
+                        PartNumber=number,
+                        Body=_Counting(data, up.progress),
+                    )
+                    _storage._fault_point("mid_upload")
+                    with lock:
+                        state["parts"][number] = resp["ETag"]
+                        state["left"] -= 1
+                        last = state["left"] == 0
+                    if last:
+                        parts = [
+                            {"PartNumber": n, "ETag": e} for n, e in sorted(state["parts"].items())
+                        ]
+                        self.client.complete_multipart_upload(
+                            Bucket=self.bucket,
+                            Key=up.key,
+                            UploadId=state["id"],
+                            MultipartUpload={"Parts": parts},
+                        )
+                        with lock:
+                            state["over"] = True
+                        up.progress(0)
+                        done(up)
+                except BaseException as exc:
+                    abort()
+                    fail(up, exc)
+
+            return run
+
+        for n in range(1, nparts + 1):
+            tasks.put(part(n))
+
+    def commit(self, tmp: Path, step: int, *, overwrite: bool) -> None:
+        """Rank 0, once every rank's upload succeeded: check the objects, put the manifest,
+        then the marker (create-only: the commit point)."""
+        if overwrite:
+            raise CheckpointError("overwrite=True is not supported on object-store roots")
+        manifest = _manifest.read_manifest(tmp, step=step)
+        if manifest is None:
+            raise CheckpointError(f"refusing to commit step {step}: the writer left no manifest")
+        metadata = _manifest._load_metadata(tmp, step)
+        needed = _manifest._needed_bytes(metadata, step)
+        sizes = self.step_sizes(step)
+        for name, (size, _) in sorted(manifest.items()):
+            if sizes.get(name) != size:
+                have = "missing" if name not in sizes else f"{sizes[name]} bytes"
+                raise CheckpointError(
+                    f"refusing to commit step {step}: {self.url(self._step_prefix(step) + name)} "
+                    f"is {have}, committed {size} bytes"
+                )
+        for name, size in sorted(needed.items()):
+            if sizes.get(name, -1) < size:
+                raise CheckpointError(
+                    f"refusing to commit step {step}: {name} holds {sizes.get(name)} bytes, "
+                    f".metadata needs {size}"
+                )
+        self.client.put_object(
+            Bucket=self.bucket,
+            Key=self._step_prefix(step) + _manifest.MANIFEST,
+            Body=(tmp / _manifest.MANIFEST).read_bytes(),
+        )
+        _storage._fault_point("before_marker")
+        body = json.dumps({"format": "aiodcp-commit", "version": 1, "step": step}).encode()
+        try:
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._marker(step), Body=body, IfNoneMatch="*"
+            )
+        except botocore.exceptions.ClientError as exc:
+            if _status(exc) in (409, 412) or _code(exc) in ("PreconditionFailed",):
+                raise CheckpointExistsError(f"step {step} already exists in {self}") from None
+            raise
+        _storage._fault_point("after_marker")
+        with contextlib.suppress(botocore.exceptions.ClientError):
+            self.client.delete_object(Bucket=self.bucket, Key=f"{self.prefix}{PENDING}/step_{step}")
+
+    # --------------------------------------------------------- leases, retention
+    def hold(self, step: int) -> _Lease:
+        lease = _Lease(self, step)
+        lease.put()
+        if not self.is_committed(step):  # after the lease is visible: see apply_retention
+            lease.release()
+            raise CheckpointNotFoundError(f"step {step} is not committed in {self}")
+        lease.start()
+        return lease
+
+    def release(self, lease: Any) -> None:
+        if lease is not None:
+            lease.release()
+
+    def _held(self) -> set[int]:
+        """Steps with a live lease (by the server's clock: LastModified + ttl > its Date)."""
+        base = f"{self.prefix}{HOLDS}/"
+        resp = self._call(self.client.list_objects_v2, Bucket=self.bucket, Prefix=base)
+        now = _server_now(resp)
+        held = set()
+        for obj in self._keys(base):
+            m = _HOLD_RE.match(obj["Key"][len(base) :])
+            if not m:
+                continue
+            age = (now - obj["LastModified"]).total_seconds()
+            if age <= self.options.lease_ttl:
+                held.add(int(m.group(1)))
+            else:  # its holder is gone
+                with contextlib.suppress(botocore.exceptions.ClientError):
+                    self.client.delete_object(Bucket=self.bucket, Key=obj["Key"])
+        return held
+
+    def delete_step(self, step: int) -> None:
+        """Marker first (the step stops being committed), then its objects."""
+        self.client.delete_object(Bucket=self.bucket, Key=self._marker(step))
+        self._delete_prefix(self._step_prefix(step))
+
+    def apply_retention(self, keep_last: int | None, keep_every: int | None) -> list[int]:
+        from ._retention import retention_victims
+
+        victims = retention_victims(self.list_steps(), keep_last, keep_every)
+        if not victims:
+            return []
+        held = self._held()
+        deleted = []
+        for step in victims:
+            if step in held:
+                continue
+            self.client.delete_object(Bucket=self.bucket, Key=self._marker(step))
+            if step in self._held():
+                # a reader leased it between the two looks and may have seen the marker:
+                # the step comes back (its objects were never touched)
+                body = json.dumps({"format": "aiodcp-commit", "version": 1, "step": step})
+                self.client.put_object(
+                    Bucket=self.bucket, Key=self._marker(step), Body=body.encode()
+                )
+                continue
+            self._delete_prefix(self._step_prefix(step))
+            deleted.append(step)
+        return deleted
+
+
+def _server_now(resp: Mapping[str, Any]) -> datetime:
+    date = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    try:
+        return parsedate_to_datetime(date) if date else datetime.now(UTC)
+    except (TypeError, ValueError):
+        return datetime.now(UTC)
+
+
+class _Lease:
+    """A reader's lease object, renewed every ``lease_ttl / 3`` until released."""
+
+    def __init__(self, store: S3Store, step: int) -> None:
+        self.store = store
+        self.key = f"{store.prefix}{HOLDS}/step_{step}.{uuid.uuid4().hex}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def put(self) -> None:
+        self.store._call(
+            self.store.client.put_object, Bucket=self.store.bucket, Key=self.key, Body=b""
+        )
+
+    def start(self) -> None:
+        def renew() -> None:
+            while not self._stop.wait(self.store.options.lease_ttl / 3):
+                with contextlib.suppress(Exception):
+                    self.put()
+
+        self._thread = threading.Thread(target=renew, name="aiodcp-lease", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(Exception):
+            self.store.client.delete_object(Bucket=self.store.bucket, Key=self.key)
+
+
+def _run_bounded(tasks: list[Callable[[], None]], concurrency: int) -> None:
+    """Run ``tasks`` in at most ``concurrency`` daemon threads; wait for all."""
+    pending = list(reversed(tasks))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not pending:
+                    return
+                task = pending.pop()
+            task()
+
+    n = max(1, min(concurrency, len(tasks)))
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

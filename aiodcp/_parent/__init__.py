@@ -1,0 +1,1 @@
+"""The trainer's side: everything that runs in the training process."""

@@ -1,0 +1,1 @@
+"""Contract 2: staging memory (layouts, skeletons, shared-memory arenas)."""

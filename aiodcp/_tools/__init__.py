@@ -1,0 +1,1 @@
+"""Tools: the CLI and the benchmarks."""

@@ -1,0 +1,1 @@
+"""Contract 1: the parent<->daemon protocol (messages, sans-IO framing)."""
