@@ -87,9 +87,13 @@ def daemon_pids() -> set[int]:
                 cmd = f.read().split(b"\0")
             with open(f"/proc/{entry}/stat") as f:
                 stat = f.read()
+            with open(f"/proc/{entry}/comm") as f:
+                comm = f.read().strip()  # "aiodcp-daemon" (forked or spawned)
         except OSError:
             continue
-        if any(b"aiodcp._daemon._daemon" in arg for arg in cmd) and " Z " not in stat:
+        if (
+            comm == "aiodcp-daemon" or any(b"aiodcp._daemon._daemon" in a for a in cmd)
+        ) and " Z " not in stat:
             out.add(int(entry))
     return out
 

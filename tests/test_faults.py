@@ -424,6 +424,9 @@ async def test_a_daemon_that_fails_to_start_raises_with_its_traceback(
     site.mkdir()
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), *sys.path]))
+    # A spawned daemon: one forked from this process's warm fork server has imported
+    # everything before this test changed PYTHONPATH (tests/test_forkserver.py).
+    monkeypatch.setenv("AIODCP_FORKSERVER", "0")
     t0 = time.perf_counter()
     with pytest.raises(aiodcp.CheckpointError) as info:
         async with aiodcp.AsyncCheckpointer(root, init_timeout=60):

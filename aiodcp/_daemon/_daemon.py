@@ -22,6 +22,7 @@ its temporary directory removed, and the daemon exits.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import logging
@@ -48,6 +49,7 @@ from .._wire import _protocol as p
 from .._wire._protocol import DaemonConfig as Config
 from ._persist import Persisting, Request, Stop, Stopping
 
+PR_SET_NAME = 15
 log = logging.getLogger("aiodcp.daemon")
 
 
@@ -310,11 +312,21 @@ class Daemon(Persisting):
                 return
 
 
+def set_name(name: bytes) -> None:
+    """The process's name in ``ps`` and ``/proc/PID/comm`` (``aiodcp-daemon``)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="aiodcp daemon")
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--config", required=True)
     args = parser.parse_args(argv)
+    set_name(b"aiodcp-daemon")
     cfg = Config(**json.loads(args.config))
     sock = socket.socket(fileno=args.fd)
     sock.setblocking(True)

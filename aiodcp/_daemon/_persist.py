@@ -38,8 +38,12 @@ __all__ = ["Persisting", "Request", "Stop", "Stopping"]
 
 log = logging.getLogger("aiodcp.daemon")
 
-# Seconds to sleep before each write item; lets tests kill or cancel mid-persist.
-_SLOW_WRITE = float(os.environ.get("AIODCP_TEST_SLOW_WRITE", "0") or 0)
+
+def _slow_write() -> float:
+    """Test-only fault injection: seconds to sleep before each write item, so tests can
+    kill or cancel mid-persist (read at each write: a
+    daemon forked from the fork server has the environment of its own spawn)."""
+    return float(os.environ.get("AIODCP_TEST_SLOW_WRITE", "0") or 0)
 
 
 @dataclass
@@ -319,8 +323,8 @@ class _Planner(DefaultSavePlanner):
         self._lock = threading.Lock()
 
     def resolve_data(self, write_item: Any) -> Any:
-        if _SLOW_WRITE:  # fault-injection hook for tests: widen the persist window
-            time.sleep(_SLOW_WRITE)
+        if slow := _slow_write():  # fault-injection hook for tests: widen the persist window
+            time.sleep(slow)
         if self._req.cancel.is_set():
             if self._daemon.stopping.dying:
                 raise DaemonExiting(self._req.reason)

@@ -36,12 +36,9 @@ import os
 import signal
 import socket
 import struct
-import subprocess
-import sys
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Literal
 
 import anyio
@@ -49,27 +46,10 @@ import anyio.abc
 
 from .._errors import CheckpointError, DaemonDiedError, ProtocolError
 from .._wire import _protocol as p
+from ._spawner import ForkedProcess, start_daemon
 
 log = logging.getLogger("aiodcp")
 _daemon_log = logging.getLogger("aiodcp.daemon")
-
-_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])  # the folder holding aiodcp/
-
-# ``python -c BOOTSTRAP --fd N --config JSON``: the working directory ('' with -c)
-# leaves sys.path before anything is imported, so a user's ``uuid.py`` beside the
-# training script cannot shadow a standard module in the daemon. Whatever kills the
-# daemon before or while it starts (an import that fails) is written, as a traceback,
-# to the start-up pipe ``AIODCP_STARTUP_FD``: the parent puts it on the error it raises.
-BOOTSTRAP = (
-    "import os, sys; sys.path[:] = [p for p in sys.path if p not in ('', os.getcwd())]; "
-    "sys.path.insert(0, os.environ.pop('AIODCP_PACKAGE_PARENT')); "
-    "fd = int(os.environ.pop('AIODCP_STARTUP_FD'))\n"
-    "try:\n"
-    "    from aiodcp._daemon._daemon import main; code = main(sys.argv[1:])\n"
-    "except BaseException:\n"
-    "    import traceback; os.write(fd, traceback.format_exc()[-65536:].encode()); raise\n"
-    "sys.exit(code)"
-)
 
 
 def _read_all(fd: int) -> str:
@@ -114,7 +94,7 @@ class Generation:
     def __init__(
         self,
         number: int,
-        process: anyio.abc.Process,
+        process: anyio.abc.Process | ForkedProcess,
         sock: socket.socket,
         rank: int,
         on_message: Callable[[Generation, p.Message], None],
@@ -175,22 +155,12 @@ class Generation:
         """Spawn the daemon and wait (cancellably, within ``init_timeout``) for ``Ready``."""
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         startup_r, startup_w = os.pipe()
-        env = dict(os.environ)
-        env["AIODCP_PACKAGE_PARENT"] = _PACKAGE_PARENT
-        env["AIODCP_STARTUP_FD"] = str(startup_w)
-        argv = [sys.executable, "-c", BOOTSTRAP, "--fd", str(child_sock.fileno())]
-        argv += ["--config", json.dumps(asdict(config))]
         try:
-            process = await anyio.open_process(
-                argv,
-                pass_fds=(child_sock.fileno(), startup_w),
-                stdin=subprocess.DEVNULL,
-                stdout=None,
-                stderr=None,
-                env=env,
-                # Its own session: a signal sent to the trainer's process group (Ctrl-C,
-                # a scheduler's SIGTERM) does not cut a save short; the parent decides.
-                start_new_session=True,
+            process = await start_daemon(
+                ["--config", json.dumps(asdict(config))],
+                child_sock.fileno(),
+                startup_w,
+                start_timeout=init_timeout,
             )
         except BaseException:
             parent_sock.close()

@@ -1,0 +1,132 @@
+"""Daemons are forked from a warm fork server (aiodcp/_parent/_spawner.py): the second
+daemon of a process starts in milliseconds, is the daemon a spawn would have started
+(this process's environment and working directory now), and a dead server costs a
+restart, never a checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+import torch
+
+import aiodcp
+from aiodcp._parent import _spawner
+
+from .conftest import daemon_pids, run_script
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
+
+
+async def _roundtrip(root: Path, step: int) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    async with aiodcp.AsyncCheckpointer(root) as ckpt:
+        entered = time.perf_counter() - t0
+        pid = ckpt.daemon_pid
+        assert pid is not None
+        await (await ckpt.save({"x": torch.full((100,), float(step))}, step=step))
+    return entered, pid
+
+
+@pytest.mark.asyncio
+async def test_later_daemons_are_forked_warm_with_the_current_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _roundtrip(tmp_path / "a", 0)  # the server is warm from here on
+    monkeypatch.setenv("AIODCP_TEST_SLOW_WRITE", "0.6")  # read by the daemon, per write
+    monkeypatch.chdir(tmp_path)
+    t0 = time.perf_counter()
+    async with aiodcp.AsyncCheckpointer(tmp_path / "b") as ckpt:
+        entered = time.perf_counter() - t0
+        pid = ckpt.daemon_pid
+        assert pid is not None
+        server = _ppid(pid)
+        assert _comm(pid) == "aiodcp-daemon" and _comm(server) == "aiodcp-forksrv"
+        assert server != os.getpid()
+        assert os.readlink(f"/proc/{pid}/cwd") == str(tmp_path)
+        assert os.getsid(pid) == pid  # its own session: Ctrl-C to our group is not for it
+        t1 = time.perf_counter()
+        await (await ckpt.save({"x": torch.ones(10)}, step=3))
+        assert time.perf_counter() - t1 >= 0.6  # it has the environment of now
+    assert entered < 2.0, f"a warm start took {entered:.2f}s"
+    assert pid not in daemon_pids()
+
+
+@pytest.mark.asyncio
+async def test_a_killed_fork_server_costs_a_restart_not_a_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    await _roundtrip(tmp_path / "warm", 0)
+    async with aiodcp.AsyncCheckpointer(tmp_path / "a") as ckpt:
+        pid = ckpt.daemon_pid
+        assert pid is not None
+        server = _ppid(pid)
+        os.kill(server, signal.SIGKILL)
+        while _ppid(pid) == server:  # noqa: ASYNC110  (reparented once the server is gone)
+            await anyio.sleep(0.02)
+        # its daemon serves on: a save commits, the block closes in bounded time
+        with anyio.fail_after(30):
+            await (await ckpt.save({"x": torch.ones(10)}, step=1))
+    assert pid not in daemon_pids()
+    with caplog.at_level(logging.INFO, "aiodcp"):
+        await _roundtrip(tmp_path / "b", 2)  # a new server
+    assert _spawner._server is not None and _spawner._server.process.pid != server
+    assert await aiodcp.load({"x": torch.zeros(10)}, tmp_path / "a") == 1
+
+
+@pytest.mark.asyncio
+async def test_the_fork_server_can_be_turned_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AIODCP_FORKSERVER", "0")
+    async with aiodcp.AsyncCheckpointer(tmp_path / "a") as ckpt:
+        assert ckpt.daemon_pid is not None and _ppid(ckpt.daemon_pid) == os.getpid()
+
+
+def test_the_fork_server_and_its_daemons_go_with_the_trainer(tmp_path: Path) -> None:
+    """A trainer that exits without closing (a script's last line, os._exit) leaves no
+    fork server and no daemon behind."""
+    code = """
+import asyncio, os, sys, torch, aiodcp
+async def main():
+    ckpt = aiodcp.AsyncCheckpointer(sys.argv[1])
+    await ckpt.__aenter__()
+    await (await ckpt.save({"x": torch.ones(10)}, step=0))
+    d = ckpt.daemon_pid
+    print(d, open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1], flush=True)
+    os._exit(0)
+asyncio.run(main())
+"""
+    out = run_script(code, str(tmp_path / "r"), timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    daemon, server = map(int, out.stdout.split())
+    t0 = time.perf_counter()
+    while _alive(daemon) or _alive(server):
+        assert time.perf_counter() - t0 < 10, f"left behind: {daemon=} {server=}"
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+if sys.platform != "linux":  # pragma: no cover
+    pytest.skip("Linux only", allow_module_level=True)
