@@ -30,6 +30,7 @@ fi
 cd "$WORK"  # away from the source tree: the installed wheel is what gets imported
 "$VPY" - <<'EOF'
 import asyncio
+import time
 
 import torch
 
@@ -60,13 +61,23 @@ async def main() -> None:
     assert step == 3, step
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), name
-    print(f"smoke: torch {torch.__version__}: 4 saves, load of step {step} bit-exact")
+    # a second checkpointer's daemon is forked from the warm fork server: no torch import
+    t0 = time.perf_counter()
+    async with aiodcp.AsyncCheckpointer("ck") as ckpt:
+        entered = time.perf_counter() - t0
+        with open(f"/proc/{ckpt.daemon_pid}/stat") as f:
+            server = f.read().rsplit(")", 1)[1].split()[1]
+        with open(f"/proc/{server}/comm") as f:
+            assert f.read().strip() == "aiodcp-forksrv"
+        await (await ckpt.save({"model": model, "optim": opt}, step=4))
+    print(f"smoke: torch {torch.__version__}: 5 saves, load of step {step} bit-exact, "
+          f"a forked daemon ready in {entered * 1000:.0f} ms")
 
 
 asyncio.run(main())
 EOF
 AIODCP="$WORK/venv/bin/aiodcp"
-"$AIODCP" ls ck | grep -q "step 3"
-"$AIODCP" verify ck | grep -q "step 3: ok (checksums)"
-"$AIODCP" inspect ck --json | "$VPY" -c "import json, sys; assert json.load(sys.stdin)['step'] == 3"
+"$AIODCP" ls ck | grep -q "step 4"
+"$AIODCP" verify ck | grep -q "step 4: ok (checksums)"
+"$AIODCP" inspect ck --json | "$VPY" -c "import json, sys; assert json.load(sys.stdin)['step'] == 4"
 echo "smoke: CLI ls/verify/inspect ok; $(( $(date +%s) - start )) s"
