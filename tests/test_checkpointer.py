@@ -196,6 +196,24 @@ async def test_events_report_each_phase(root: Path) -> None:
     assert events[-1].bytes_written == events[-1].total_bytes > 1_000_000
 
 
+@pytest.mark.timeout(60)
+async def test_writing_events_move_with_the_bytes_written(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One 8 MiB tensor on a slow disk: several `writing` events short of the total,
+    bytes increasing, before `written` and the commit (not one burst per item)."""
+    monkeypatch.setenv("AIODCP_TEST_SLOW_WRITE_MIB", "0.1")  # ~0.8 s for the tensor
+    events: list[aiodcp.SaveEvent] = []
+    async with aiodcp.AsyncCheckpointer(root, on_event=events.append) as ckpt:
+        await (await ckpt.save({"w": torch.randn(2 << 20)}, step=0))
+    total = 8 << 20
+    writing = [e.bytes_written for e in events if e.phase == "writing"]
+    assert len([n for n in writing if 0 < n < total]) >= 3, events
+    assert writing == sorted(set(writing)) and writing[-1] <= total
+    assert [e.phase for e in events][-2:] == ["written", "committed"]
+    assert events[-1].bytes_written == events[-1].total_bytes == total
+
+
 async def test_skip_when_busy_returns_a_skipped_result(root: Path) -> None:
     os.environ["AIODCP_TEST_SLOW_WRITE"] = "0.3"
     try:

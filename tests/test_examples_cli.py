@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -52,12 +53,22 @@ def test_cli_demo_runs_twice_in_one_root_and_a_scratch_root_is_removed(tmp_path:
     assert list(scratch.glob("aiodcp-demo-*")) == []
 
 
-def test_demo_progress_is_one_line_per_save() -> None:
-    """On a terminal one line per save, redrawn in place (\\r) as bytes are written:
-    no empty bar while staged, no full bar on failure; elsewhere only outcomes."""
-    import contextlib
-    import io
+class _Terminal(io.StringIO):
+    """What the demo prints to, as a terminal."""
 
+    def isatty(self) -> bool:
+        return True
+
+
+def _lines(text: str) -> list[str]:
+    """The lines a terminal shows: each \\r redraw replaces the line it is on."""
+    return [ln.rpartition("\r")[2].replace("\x1b[K", "") for ln in text.split("\n")]
+
+
+def test_demo_progress_is_one_line_per_save(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a terminal one line per save, redrawn in place (\\r, erase to its end) as bytes
+    are written: no empty bar while staged, no full bar on failure; in a pipe (or with
+    TERM=dumb) only the outcome lines, plain."""
     from aiodcp._parent._checkpointer import SaveEvent
     from aiodcp._tools._cli import _Progress
 
@@ -68,22 +79,57 @@ def test_demo_progress_is_one_line_per_save() -> None:
         SaveEvent(4, "staged", 0, 4 << 20, 0.01),
         SaveEvent(4, "failed", 0, 0, 0.3),
     ]
-    for tty in (True, False):
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            show = _Progress(tty)
-            for e in events:
-                show(e)
-        text = out.getvalue()
+    monkeypatch.setenv("TERM", "xterm")
+    read, write = os.pipe()
+    pipe = os.fdopen(write, "w")
+    for out in (_Terminal(), pipe, "dumb"):
+        if out == "dumb":
+            monkeypatch.setenv("TERM", "dumb")
+            out = _Terminal()
+        show = _Progress(out)
+        for e in events:
+            show(e)
+        if out is pipe:
+            pipe.close()
+            with os.fdopen(read) as r:
+                text = r.read()
+        else:
+            text = out.getvalue()
         lines = text.split("\n")
         assert len(lines) == 3 and lines[-1] == ""  # one line per save
         assert "[          " not in text  # never an empty bar
         assert "[####################]" not in text  # never a full bar (failed, committed)
         assert "failed" in lines[1] and "committed" in lines[0]
-        if tty:
+        if show.live:
             assert "[##########          ]     2.0/4.0 MiB" in lines[0]
+            assert _lines(text)[0].startswith("step    3 committed")
         else:
-            assert "\r" not in text and "writing" not in text
+            assert "\r" not in text and "writing" not in text and "\x1b" not in text
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_a_live_line_moves_with_the_bytes_of_a_real_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real 8 MiB save on a slow disk, shown on a terminal: its one line is redrawn
+    several times with more MiB written each time, then shows the commit."""
+    import re
+
+    import torch
+
+    import aiodcp
+    from aiodcp._tools._cli import _Progress
+
+    monkeypatch.setenv("AIODCP_TEST_SLOW_WRITE_MIB", "0.1")
+    monkeypatch.setenv("TERM", "xterm")
+    term = _Terminal()
+    async with aiodcp.AsyncCheckpointer(tmp_path / "ck", on_event=_Progress(term)) as ckpt:
+        await (await ckpt.save({"w": torch.randn(2 << 20)}, step=0))
+    text = term.getvalue()
+    assert text.count("\n") == 1 and _lines(text)[0].startswith("step    0 committed")
+    mib = [float(m) for m in re.findall(r"writing +\[[# ]*\] +([0-9.]+)/8.0 MiB", text)]
+    assert len([m for m in mib if m < 8.0]) >= 3 and mib == sorted(set(mib)), text
 
 
 @pytest.mark.timeout(300)

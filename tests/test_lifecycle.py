@@ -257,3 +257,55 @@ async def test_a_save_that_starts_while_the_block_exits_is_refused(
     assert await anyio.to_thread.run_sync(lambda: sorted(p.name for p in root.glob("step_*"))) == [
         "step_0"
     ]
+
+
+CTRL_C = """
+import asyncio, sys, torch, aiodcp
+async def main():
+    state = {f"t{i}": torch.randn(256, 1024) for i in range(16)}
+    async with aiodcp.AsyncCheckpointer(sys.argv[1]) as ckpt:
+        handle = await ckpt.save(state, step=5)
+        print("saving", flush=True)
+        await handle
+asyncio.run(main())
+"""
+
+
+@pytest.mark.timeout(90)
+def test_ctrl_c_during_a_save_says_the_step_was_cancelled_in_a_short_traceback(
+    tmp_path: Path,
+) -> None:
+    """SIGINT to a script in `asyncio.run` while its save persists: it exits within a few
+    seconds, stderr has one line naming the cancelled step and saying nothing was
+    published, and only asyncio's own two-part traceback (the cancellation, then
+    KeyboardInterrupt) -- not a third part chained by aiodcp's close (48 lines before)."""
+    import signal
+    import sys
+    import time
+
+    root = tmp_path / "ck"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CTRL_C, str(root)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "AIODCP_TEST_SLOW_WRITE": "0.5"},  # 16 items: 8 s of writing
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "saving\n"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        seconds = time.monotonic() - t0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGINT, err
+    lines = err.splitlines()
+    cancelled = [ln for ln in lines if "save of step 5 cancelled" in ln]
+    assert len(cancelled) == 1 and "nothing was published" in cancelled[0], err
+    assert err.count("During handling of the above exception") == 1, err
+    assert lines[-1] == "KeyboardInterrupt" and len(lines) <= 32, err
+    assert not (root / "step_5").exists() and not list(root.glob(".tmp-*"))
+    assert seconds < 15, seconds

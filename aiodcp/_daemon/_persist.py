@@ -45,6 +45,10 @@ def _slow_write() -> float:
     daemon forked from the fork server has the environment of its own spawn)."""
     return float(os.environ.get("AIODCP_TEST_SLOW_WRITE", "0") or 0)
 
+# At most one "writing" report per this many seconds and save: a live line moves ten
+# times a second, and the parent's loop is not woken per MiB.
+_REPORT_EVERY = 0.1
+
 
 @dataclass
 class Request:
@@ -240,6 +244,7 @@ class Persisting:
             thread_count=self.cfg.thread_count,
             sync_files=self.cfg.sync_files,
             direct_io=self.cfg.direct_io,
+            on_bytes=planner.written,
         )
         dcp_save(state, writer=writer, planner=planner, rank=self.cfg.rank, pg=self.pg)
         planner.report(final=True)
@@ -309,8 +314,9 @@ class Persisting:
 
 
 class _Planner(DefaultSavePlanner):
-    """DCP's default planner, plus: cancellation at each write item, progress,
-    and values the parent already serialised written as they are."""
+    """DCP's default planner, plus: cancellation at each write item, progress (the
+    writer's threads call :meth:`written` as bytes reach the files), and values the
+    parent already serialised written as they are."""
 
     def __init__(self, req: Request, daemon: Persisting, total: int, caching: bool) -> None:
         # Plan caching (torch >= 2.6) skips re-sending unchanged plans between ranks.
@@ -332,32 +338,24 @@ class _Planner(DefaultSavePlanner):
         obj = self.lookup_object(write_item.index)
         if isinstance(obj, PickledLeaf):
             return io.BytesIO(obj.data)
-        data = self.transform_object(write_item, obj)
-        tensor_data = getattr(write_item, "tensor_data", None)
-        if tensor_data is not None:
-            with self._lock:
-                self._written += _nbytes(tensor_data)
-            self.report()
-        return data
+        return self.transform_object(write_item, obj)
+
+    def written(self, nbytes: int) -> None:
+        """A writer thread wrote ``nbytes`` more tensor bytes (called about every MiB)."""
+        with self._lock:
+            self._written += nbytes
+            now = time.monotonic()
+            if now - self._last < _REPORT_EVERY:
+                return
+            self._last = now
+            written = min(self._written, self._total)
+        self._send("writing", written)
 
     def report(self, final: bool = False) -> None:
-        now = time.monotonic()
-        if final or now - self._last > 0.1:
-            self._last = now
-            self._daemon.send(
-                p.Progress(
-                    self._req.msg.req_id,
-                    "written" if final else "writing",
-                    self._total if final else min(self._written, self._total),
-                    self._total,
-                )
-            )
+        """Say that every byte is written (``final``), or how many are so far."""
+        with self._lock:
+            written = self._total if final else min(self._written, self._total)
+        self._send("written" if final else "writing", written)
 
-
-def _nbytes(tensor_data: Any) -> int:
-    n = 1
-    for d in tensor_data.chunk.sizes:
-        n *= d
-    import torch
-
-    return n * torch.empty((), dtype=tensor_data.properties.dtype).element_size()
+    def _send(self, phase: str, written: int) -> None:
+        self._daemon.send(p.Progress(self._req.msg.req_id, phase, written, self._total))

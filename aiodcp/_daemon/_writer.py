@@ -32,6 +32,8 @@ import io
 import os
 import queue
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,14 +65,30 @@ class FileDigest:
 _DIGEST_FQN = "\0aiodcp-digest/"
 _SLICE = 1 << 20
 
+# Seconds to sleep per MiB written; lets tests watch the progress of a single big write.
+_SLOW_MIB = float(os.environ.get("AIODCP_TEST_SLOW_WRITE_MIB", "0") or 0)
+
+
+def _ignore(n: int) -> None:
+    pass
+
 
 class _HashingStream:
-    """A write-only stream that hashes what it passes on and counts its position."""
+    """A write-only stream that hashes what it passes on and counts its position.
 
-    def __init__(self, raw: Any) -> None:
+    Of the bytes it writes it reports, about every MiB, those that ``count`` says are
+    tensor data (a record's header and a pickled value are not counted): the save's
+    progress moves as its bytes reach the file, not as its items are looked up.
+    """
+
+    def __init__(self, raw: Any, on_bytes: Callable[[int], None] = _ignore) -> None:
         self.raw = raw
         self.hash = xxhash.xxh3_64()
         self.pos = 0
+        self.count = 0  # bytes still to report of the record being written
+        self.unreported = 0  # counted, not yet reported (reported per MiB: cheap per byte)
+        self.reported_at = 0.0
+        self.on_bytes = on_bytes
         # torch.save's zip writer (C++) swallows an exception of write() and fails
         # later with "unexpected pos": the real error (EFBIG, ENOSPC) is kept here.
         self.error: OSError | None = None
@@ -86,8 +104,26 @@ class _HashingStream:
                 self.error = self.error or exc
                 raise
             self.hash.update(piece)
+            if _SLOW_MIB:  # fault-injection hook for tests: a slow disk
+                time.sleep(_SLOW_MIB * piece.nbytes / _SLICE)
+            counted = min(piece.nbytes, self.count)
+            self.count -= counted
+            self.unreported += counted
+            if self.unreported >= _SLICE:
+                self.report()
         self.pos += view.nbytes
         return view.nbytes
+
+    def report(self) -> None:
+        if self.unreported:
+            self.on_bytes(self.unreported)
+            self.unreported = 0
+            self.reported_at = time.monotonic()
+
+    def report_if_due(self) -> None:
+        """At a record's end: report small records' bytes too, a few times a second."""
+        if self.unreported and time.monotonic() - self.reported_at >= 0.05:
+            self.report()
 
     def tell(self) -> int:
         return self.pos
@@ -102,7 +138,8 @@ class VerifiedWriter(FileSystemWriter):
     ``step`` is recorded in the manifest. One file per thread per rank
     (``single_file_per_rank``), written in DCP's torch.save format; with
     ``direct_io`` past the page cache where the filesystem allows
-    (:class:`aiodcp._daemon._direct.DirectFile`).
+    (:class:`aiodcp._daemon._direct.DirectFile`). ``on_bytes(n)`` is called from the
+    writer threads as tensor bytes are written (about every MiB, and at each file's end).
     """
 
     def __init__(
@@ -113,12 +150,14 @@ class VerifiedWriter(FileSystemWriter):
         thread_count: int = 1,
         sync_files: bool = True,
         direct_io: bool = True,
+        on_bytes: Callable[[int], None] = _ignore,
     ) -> None:
         super().__init__(
             path, single_file_per_rank=True, sync_files=sync_files, thread_count=thread_count
         )
         self.step = step
         self.direct_io = direct_io
+        self.on_bytes = on_bytes
 
     def _write_data(
         self, planner: SavePlanner, file_queue: queue.Queue[Any]
@@ -180,11 +219,12 @@ class VerifiedWriter(FileSystemWriter):
         stream: _HashingStream | None = None
         try:
             with _direct.DirectFile(path, direct=self.direct_io) as raw:
-                stream = _HashingStream(raw)
+                stream = _HashingStream(raw, self.on_bytes)
                 for item in ordered:
                     if failed.is_set():
                         return out  # another thread failed: the save fails anyway
                     out.append(self._write_item(planner, stream, item, name))
+                stream.report()
                 raw.finish()
                 if self.sync_files:
                     os.fsync(raw.fileno())
@@ -214,7 +254,9 @@ class VerifiedWriter(FileSystemWriter):
             tensor = data.detach().cpu()
             if tensor.untyped_storage().size() != tensor.nbytes:
                 tensor = tensor.clone()  # torch.save would write the whole storage
+            stream.count = tensor.nbytes
             _records.write_tensor(tensor, stream)  # torch.save's bytes, at a fraction of its cost
+            stream.report_if_due()
         length = stream.tell() - offset
         return WriteResult(item.index, length, _StorageInfo(name, offset, length))
 

@@ -395,38 +395,65 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption, Publishing):
             scope, self._body_scope = self._body_scope, None
             preempted = bool(scope.__exit__(exc_type, exc, tb))
         error: BaseException | None = None
+        abandoned: list[SaveHandle] = []  # in flight when the block ended by an exception
         try:
-            if exc_type is None:
-                try:
-                    await self._wait_settled()
-                except CheckpointError as e:
-                    error = e
-            else:
-                for handle in list(self._inflight):
-                    handle.cancel()
-        finally:
-            # Bounded from here on, whatever raised where: shutdown_timeout + ~15 s. Each
-            # step runs whatever the one before raised (a cancellation of the block: anyio's
-            # or asyncio's own), so the lock, the arenas and the handlers are always let go.
             try:
-                await self._daemons.stop()
-                await self._close_task_group()  # (our tasks are bounded; may re-raise a cancel)
+                if exc_type is None:
+                    try:
+                        await self._wait_settled()
+                    except CheckpointError as e:
+                        error = e
+                else:
+                    abandoned = [h for h in self._inflight if not h.done()]
+                    for handle in abandoned:
+                        handle.cancel()
             finally:
-                self._restore_signals()  # the program's own handlers, whatever ended the block
-                self._finish_inflight()
+                # Bounded from here on, whatever raised where: shutdown_timeout + ~15 s. Each
+                # step runs whatever the one before raised (a cancellation of the block:
+                # anyio's or asyncio's own), so the lock, the arenas and the handlers are
+                # always let go.
                 try:
-                    with anyio.CancelScope(shield=True):
-                        await anyio.to_thread.run_sync(self._close_blocking)
-                except BaseException:
-                    self._close_blocking()  # cancelled natively meanwhile: close here, at once
-                    raise
+                    await self._daemons.stop()
+                    await self._close_task_group()  # (bounded tasks; may re-raise a cancel)
                 finally:
-                    self._state = "closed"
+                    self._restore_signals()  # the program's own handlers, whatever ended it
+                    self._finish_inflight()
+                    try:
+                        with anyio.CancelScope(shield=True):
+                            await anyio.to_thread.run_sync(self._close_blocking)
+                    except BaseException:
+                        self._close_blocking()  # cancelled natively meanwhile: close at once
+                        raise
+                    finally:
+                        self._state = "closed"
+                        self._say_abandoned(abandoned, exc)
+        except BaseException as during:
+            # The block's own cancellation (Ctrl-C under asyncio.run, a timeout), raised
+            # again by the close (anyio re-raises a pending native cancel where a task group
+            # exits): let the original go on, not a copy chained to it ("During handling of
+            # the above exception, another exception occurred"). Anything else propagates.
+            if not (_interrupts(exc) and isinstance(during, anyio.get_cancelled_exc_class())):
+                raise
         if error is not None:
             raise error
         if preempted and self.preempted is not None:
             raise SystemExit(128 + self.preempted)
         return None
+
+    def _say_abandoned(self, handles: list[SaveHandle], exc: BaseException | None) -> None:
+        """One line per save the block's exception cut short: which step, and that
+        nothing of it was published (the traceback alone does not say so)."""
+        if isinstance(exc, anyio.get_cancelled_exc_class()):
+            how = "was cancelled (Ctrl-C, a timeout, task.cancel())"
+        else:
+            how = f"ended by {type(exc).__name__}"
+        for handle in handles:
+            if handle._error is not None:
+                log.warning(
+                    "save of step %d cancelled: the `async with` block %s; nothing was published",
+                    handle.step,
+                    how,
+                )
 
     def _finish_inflight(self) -> None:
         for handle in list(self._inflight):
@@ -563,3 +590,8 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption, Publishing):
     ) -> AsyncIterator[int]:
         """``aiodcp.watch`` on this checkpointer's root."""
         return watch(self.store, include_latest=include_latest, poll_interval=poll_interval)
+
+
+def _interrupts(exc: BaseException | None) -> bool:
+    """A cancellation or an interrupt: what a cancellation raised while closing repeats."""
+    return isinstance(exc, (anyio.get_cancelled_exc_class(), KeyboardInterrupt, SystemExit))

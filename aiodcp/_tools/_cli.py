@@ -269,19 +269,29 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 class _Progress:
-    """One line per save: on a terminal, redrawn in place as its bytes are written and
-    finished with its outcome; elsewhere, only the outcome line."""
+    """One line per save. On a terminal it is live: redrawn in place (``\\r``, then
+    erase to the end of the line) as the daemon reports its bytes written, and ended
+    with the save's outcome; elsewhere (a pipe, a file, ``TERM=dumb``) only the outcome
+    line is printed, a plain line per save.
 
-    def __init__(self, tty: bool) -> None:
-        self.tty = tty
+    Hand-written rather than tqdm or rich: the events are already throttled by the
+    daemon (ten a second at most), the line is short, and one save is live at a time
+    in the demo; a library would add a dependency (rich: pygments and markdown-it too)
+    for what ``\\r`` does. A user's own UI takes the same :class:`SaveEvent` from
+    ``on_event`` and may feed tqdm or rich with it.
+    """
+
+    def __init__(self, out: Any = None) -> None:
+        self.out = sys.stdout if out is None else out
+        self.live = self.out.isatty() and os.environ.get("TERM") != "dumb"
 
     def __call__(self, event: Any) -> None:
         mib = event.total_bytes / 2**20
         if event.phase in ("committed", "failed", "skipped"):
             size = f"{mib:7.1f} MiB" if event.phase == "committed" else ""
             line = f"step {event.step:>4} {event.phase:<9} {size} {event.seconds:6.2f}s"
-            print(f"\r{line:<72}" if self.tty else line, flush=True)
-        elif self.tty:
+            self._print(line, end="\n")
+        elif self.live:
             if event.phase == "staged":
                 line = f"step {event.step:>4} staged, writing {mib:.1f} MiB"
             else:
@@ -291,7 +301,12 @@ class _Progress:
                     f"step {event.step:>4} {event.phase:<9} [{bar:<20}] "
                     f"{event.bytes_written / 2**20:7.1f}/{mib:.1f} MiB {event.seconds:6.2f}s"
                 )
-            print(f"\r{line:<72}", end="", flush=True)
+            self._print(line, end="")
+
+    def _print(self, line: str, end: str) -> None:
+        if self.live:
+            line = f"\r{line}\x1b[K"  # over the live line, whatever the terminal's width
+        print(line, end=end, file=self.out, flush=True)
 
 
 async def _demo_loop(root: str, steps: int, every: int, *, keep: bool) -> int:
@@ -310,7 +325,7 @@ async def _demo_loop(root: str, steps: int, every: int, *, keep: bool) -> int:
         f"MLP, checkpointing every {every} steps into {root}",
         flush=True,
     )
-    progress = _Progress(sys.stdout.isatty())
+    progress = _Progress()
     async with AsyncCheckpointer(root, keep_last=2, on_event=progress) as ckpt:
         try:
             start = await ckpt.load({"model": model, "optim": opt}) + 1
