@@ -20,6 +20,7 @@ import aiodcp
 from aiodcp._parent import _spawner
 
 from .conftest import daemon_pids, run_script
+from .torture import _alive
 
 
 def _ppid(pid: int) -> int:
@@ -118,14 +119,6 @@ asyncio.run(main())
     while _alive(daemon) or _alive(server):
         assert time.perf_counter() - t0 < 10, f"left behind: {daemon=} {server=}"
         time.sleep(0.05)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 if sys.platform != "linux":  # pragma: no cover
