@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -41,10 +41,13 @@ def pytest_asyncio_loop_factories(config, item):  # type: ignore[no-untyped-def]
 # The suite runs on 2 pytest-xdist workers. A test marked ``serial`` (it measures time:
 # loop lag, how soon something returns) runs alone: it takes this lock exclusively,
 # every other test takes it shared. The lock is taken before pytest-timeout starts a
-# test's clock, so waiting for it never counts against the test's own timeout.
+# test's clock, so waiting for it never counts against the test's own timeout. A serial
+# test whose timed part ends early (the rest only checks results) calls the ``timing_done``
+# fixture: its lock turns shared, and the others run beside the rest of it.
 _RUN_LOCK = Path(tempfile.gettempdir()) / (
     f"aiodcp-tests-{os.getppid() if os.environ.get('PYTEST_XDIST_WORKER') else os.getpid()}.lock"
 )
+_LOCK_FD = pytest.StashKey[int]()
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
@@ -56,9 +59,25 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     try:
         exclusive = item.get_closest_marker("serial") is not None
         fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        item.stash[_LOCK_FD] = fd
         yield
     finally:
+        item.stash[_LOCK_FD] = -1
         os.close(fd)
+
+
+@pytest.fixture
+def timing_done(request: pytest.FixtureRequest) -> Callable[[], None]:
+    """For a ``serial`` test: call it when the part that measures time is over; from
+    then on other tests run beside this one (its lock turns shared)."""
+    assert request.node.get_closest_marker("serial") is not None, "only for serial tests"
+
+    def done() -> None:
+        fd = request.node.stash.get(_LOCK_FD, -1)
+        if fd >= 0:  # (none without xdist: the test runs alone anyway)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+
+    return done
 
 
 @pytest.fixture(autouse=True)

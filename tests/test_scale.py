@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -26,10 +27,13 @@ async def _round_trip(ckpt: aiodcp.AsyncCheckpointer, state: dict, step: int) ->
 
 @pytest.mark.timeout(600)
 @pytest.mark.serial
-async def test_a_hundred_thousand_tensors_save_and_load_bit_exact(root: Path) -> None:
+async def test_a_hundred_thousand_tensors_save_and_load_bit_exact(
+    root: Path, timing_done: Callable[[], None]
+) -> None:
     """100,000 tensors: one small Save frame (no size limit hit, no hang), the commit
     loads bit-exact, and the event loop keeps ticking (loosely bounded here; the
-    exact lag is in the benchmark)."""
+    exact lag is in the benchmark). Alone while the loop is timed (the save, until it
+    commits); the load (about 2/3 of the test's time) runs beside other tests."""
     state = _many(100_000)
     lag = 0.0
     async with aiodcp.AsyncCheckpointer(root) as ckpt:
@@ -54,6 +58,7 @@ async def test_a_hundred_thousand_tensors_save_and_load_bit_exact(root: Path) ->
             f"max loop lag {lag * 1e3:.1f} ms"
         )
         assert lag < 0.25, lag
+        timing_done()
         await _round_trip(ckpt, state, result.step)
 
 
