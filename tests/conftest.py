@@ -114,22 +114,18 @@ def daemon_pids() -> set[int]:
 
 
 def torchrun(*args: str) -> list[str]:
-    """A torchrun command line for 2 ranks on loopback, on a free port."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    """A torchrun command line for 2 ranks on loopback. Standalone: torchrun's store
+    listens on a port the OS gives it and hands it to the ranks as MASTER_PORT (a port
+    found free by bind-then-close could be taken by a parallel test before it is used)."""
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",
+        "--local-addr",
+        "127.0.0.1",
         "--nproc-per-node",
         "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(port),
         *args,
     ]
 
