@@ -63,11 +63,13 @@ async def test_a_hundred_thousand_tensors_save_and_load_bit_exact(
 
 
 @pytest.mark.timeout(600)
-async def test_a_layout_that_grows_from_ten_to_twenty_thousand_tensors(root: Path) -> None:
-    """One checkpointer saves 10, then 20,000, then 10 tensors again: each layout gets
-    its arena, each commit loads bit-exact."""
+async def test_a_layout_that_grows_from_ten_to_five_thousand_tensors(root: Path) -> None:
+    """One checkpointer saves 10, then 5,000, then 10 tensors again: each layout gets
+    its arena, each commit loads bit-exact. (5,000 is past the staging's chunk sizes --
+    512 tensors a copy call, 1,024 items a pickled piece; the scale itself is the
+    100,000-tensor test's, and each tensor costs ~1 ms to save and load.)"""
     async with aiodcp.AsyncCheckpointer(root) as ckpt:
-        for step, n in enumerate([10, 20_000, 10]):
+        for step, n in enumerate([10, 5_000, 10]):
             state = _many(n, width=2)
             for v in state.values():
                 v.add_(step)
