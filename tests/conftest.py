@@ -146,3 +146,15 @@ def run_script(
         env={**os.environ, **(env or {})},
         cwd=cwd,
     )
+
+
+def run_example(path: Path, *argv: str, cwd: Path) -> None:
+    """Run an example file in this process, as ``python path argv`` in ``cwd`` would
+    (for a test that only needs what it writes: a fresh interpreter would import torch
+    once more); its output goes to the test's captured output."""
+    import contextlib
+    import runpy
+
+    with contextlib.chdir(cwd), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", [str(path), *argv])
+        runpy.run_path(str(path), run_name="__main__")
