@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -41,10 +41,13 @@ def pytest_asyncio_loop_factories(config, item):  # type: ignore[no-untyped-def]
 # The suite runs on 2 pytest-xdist workers. A test marked ``serial`` (it measures time:
 # loop lag, how soon something returns) runs alone: it takes this lock exclusively,
 # every other test takes it shared. The lock is taken before pytest-timeout starts a
-# test's clock, so waiting for it never counts against the test's own timeout.
+# test's clock, so waiting for it never counts against the test's own timeout. A serial
+# test whose timed part ends early (the rest only checks results) calls the ``timing_done``
+# fixture: its lock turns shared, and the others run beside the rest of it.
 _RUN_LOCK = Path(tempfile.gettempdir()) / (
     f"aiodcp-tests-{os.getppid() if os.environ.get('PYTEST_XDIST_WORKER') else os.getpid()}.lock"
 )
+_LOCK_FD = pytest.StashKey[int]()
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
@@ -56,9 +59,25 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     try:
         exclusive = item.get_closest_marker("serial") is not None
         fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        item.stash[_LOCK_FD] = fd
         yield
     finally:
+        item.stash[_LOCK_FD] = -1
         os.close(fd)
+
+
+@pytest.fixture
+def timing_done(request: pytest.FixtureRequest) -> Callable[[], None]:
+    """For a ``serial`` test: call it when the part that measures time is over; from
+    then on other tests run beside this one (its lock turns shared)."""
+    assert request.node.get_closest_marker("serial") is not None, "only for serial tests"
+
+    def done() -> None:
+        fd = request.node.stash.get(_LOCK_FD, -1)
+        if fd >= 0:  # (none without xdist: the test runs alone anyway)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+
+    return done
 
 
 @pytest.fixture(autouse=True)
@@ -99,22 +118,18 @@ def daemon_pids() -> set[int]:
 
 
 def torchrun(*args: str) -> list[str]:
-    """A torchrun command line for 2 ranks on loopback, on a free port."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    """A torchrun command line for 2 ranks on loopback. Standalone: torchrun's store
+    listens on a port the OS gives it and hands it to the ranks as MASTER_PORT (a port
+    found free by bind-then-close could be taken by a parallel test before it is used)."""
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",
+        "--local-addr",
+        "127.0.0.1",
         "--nproc-per-node",
         "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(port),
         *args,
     ]
 
@@ -135,3 +150,15 @@ def run_script(
         env={**os.environ, **(env or {})},
         cwd=cwd,
     )
+
+
+def run_example(path: Path, *argv: str, cwd: Path) -> None:
+    """Run an example file in this process, as ``python path argv`` in ``cwd`` would
+    (for a test that only needs what it writes: a fresh interpreter would import torch
+    once more); its output goes to the test's captured output."""
+    import contextlib
+    import runpy
+
+    with contextlib.chdir(cwd), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", [str(path), *argv])
+        runpy.run_path(str(path), run_name="__main__")

@@ -12,22 +12,16 @@ import pytest
 
 from aiodcp._tools._cli import main
 
-from .conftest import REPO
+from .conftest import REPO, run_example
 
 
 @pytest.fixture(scope="module")
 def ck(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint root with steps 0 and 20, written by the training example."""
     where = tmp_path_factory.mktemp("cli")
-    example = str(REPO / "examples" / "async_training_loop.py")
-    r = subprocess.run(
-        [sys.executable, example, "--root", "ck", "--steps", "21"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=where,
+    run_example(
+        REPO / "examples" / "async_training_loop.py", "--root", "ck", "--steps", "21", cwd=where
     )
-    assert r.returncode == 0, r.stderr
     return where / "ck"
 
 

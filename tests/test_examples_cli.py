@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, torchrun
+from .conftest import REPO, run_example, torchrun
 
 
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -167,8 +167,9 @@ LEFTOVER = ".tmp-step_99-" + "dead" * 8  # exactly a name aiodcp makes
 
 
 def test_cli_ls_and_gc(tmp_path: Path) -> None:
-    example = str(REPO / "examples" / "async_training_loop.py")
-    assert _run(example, "--root", "ck", "--steps", "21", cwd=tmp_path).returncode == 0
+    run_example(
+        REPO / "examples" / "async_training_loop.py", "--root", "ck", "--steps", "21", cwd=tmp_path
+    )
     (tmp_path / "ck" / LEFTOVER).mkdir()
     ls = _run("-m", "aiodcp", "ls", "ck", "--json", cwd=tmp_path)
     assert ls.returncode == 0, ls.stderr

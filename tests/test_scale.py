@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -26,10 +27,13 @@ async def _round_trip(ckpt: aiodcp.AsyncCheckpointer, state: dict, step: int) ->
 
 @pytest.mark.timeout(600)
 @pytest.mark.serial
-async def test_a_hundred_thousand_tensors_save_and_load_bit_exact(root: Path) -> None:
+async def test_a_hundred_thousand_tensors_save_and_load_bit_exact(
+    root: Path, timing_done: Callable[[], None]
+) -> None:
     """100,000 tensors: one small Save frame (no size limit hit, no hang), the commit
     loads bit-exact, and the event loop keeps ticking (loosely bounded here; the
-    exact lag is in the benchmark)."""
+    exact lag is in the benchmark). Alone while the loop is timed (the save, until it
+    commits); the load (about 2/3 of the test's time) runs beside other tests."""
     state = _many(100_000)
     lag = 0.0
     async with aiodcp.AsyncCheckpointer(root) as ckpt:
@@ -54,15 +58,18 @@ async def test_a_hundred_thousand_tensors_save_and_load_bit_exact(root: Path) ->
             f"max loop lag {lag * 1e3:.1f} ms"
         )
         assert lag < 0.25, lag
+        timing_done()
         await _round_trip(ckpt, state, result.step)
 
 
 @pytest.mark.timeout(600)
-async def test_a_layout_that_grows_from_ten_to_twenty_thousand_tensors(root: Path) -> None:
-    """One checkpointer saves 10, then 20,000, then 10 tensors again: each layout gets
-    its arena, each commit loads bit-exact."""
+async def test_a_layout_that_grows_from_ten_to_five_thousand_tensors(root: Path) -> None:
+    """One checkpointer saves 10, then 5,000, then 10 tensors again: each layout gets
+    its arena, each commit loads bit-exact. (5,000 is past the staging's chunk sizes --
+    512 tensors a copy call, 1,024 items a pickled piece; the scale itself is the
+    100,000-tensor test's, and each tensor costs ~1 ms to save and load.)"""
     async with aiodcp.AsyncCheckpointer(root) as ckpt:
-        for step, n in enumerate([10, 20_000, 10]):
+        for step, n in enumerate([10, 5_000, 10]):
             state = _many(n, width=2)
             for v in state.values():
                 v.add_(step)

@@ -166,17 +166,16 @@ def test_commit_writes_a_manifest_that_verifies(tmp_path: Path) -> None:
     assert _manifest.verify(path, checksums=True) is not None and s.is_managed(tmp_path, 4)
 
 
+# commit() in a process of its own (it needs no torch: the steps are written beforehand)
 KILLED_COMMIT = """
-import os, sys, torch, torch.distributed.checkpoint as dcp
+import os, sys
 from pathlib import Path
 from aiodcp._disk import _storage as s
 root, point = Path(sys.argv[1]), sys.argv[2]
-for step in (0, 1):
-    tmp = s.tmp_dir(root, step, s.new_token())
-    dcp.save({"x": torch.full((4,), float(step))}, checkpoint_id=tmp, no_dist=True)
+for step, tmp in enumerate(sys.argv[3:]):
     if step == 1:
         os.environ["AIODCP_TEST_KILL_AT"] = point
-    s.commit(root, tmp, step, overwrite=False)
+    s.commit(root, Path(tmp), step, overwrite=False)
 """
 
 
@@ -184,8 +183,9 @@ for step in (0, 1):
 def test_reconcile_after_a_kill_at_each_commit_step(tmp_path: Path, point: str) -> None:
     """A process SIGKILLed at each sub-step of commit(): reconcile() appends a renamed but
     unlogged step once, rewrites a stale latest, and is idempotent."""
+    tmps = [str(_write_tmp(tmp_path, step, float(step))) for step in (0, 1)]
     r = subprocess.run(
-        [sys.executable, "-c", KILLED_COMMIT, str(tmp_path), point], timeout=60, check=False
+        [sys.executable, "-c", KILLED_COMMIT, str(tmp_path), point, *tmps], timeout=60, check=False
     )
     assert r.returncode == -9
     renamed = point != "before_rename"
