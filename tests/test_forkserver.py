@@ -123,3 +123,22 @@ asyncio.run(main())
 
 if sys.platform != "linux":  # pragma: no cover
     pytest.skip("Linux only", allow_module_level=True)
+
+
+def test_no_daemon_module_reads_the_environment_at_import() -> None:
+    """A daemon forked from the server runs modules the server imported long before:
+    whatever they read from the environment at import is the server's, not the
+    daemon's. So daemon-side code reads it when it runs (two test hooks once did not,
+    and a forked daemon ignored the slow-write setting of its own test)."""
+    import ast
+
+    rooms = Path(aiodcp.__file__).parent
+    wrong = []
+    for path in [*(rooms / "_daemon").glob("*.py"), *(rooms / "_disk").glob("*.py")]:
+        tree = ast.parse(path.read_text())
+        top = [n for n in tree.body if not isinstance(n, ast.FunctionDef | ast.ClassDef)]
+        for node in top:
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Attribute) and sub.attr in ("environ", "getenv"):
+                    wrong.append(f"{path.name}:{sub.lineno}")
+    assert not wrong, f"module-level environment reads in daemon-side code: {wrong}"

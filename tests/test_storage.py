@@ -106,7 +106,7 @@ def test_retention_spares_held_steps_and_reclaims_stale_leases(tmp_path: Path) -
     fd = _retention.hold_step(tmp_path, 1)
     # a holder that dies while holding step 2
     code = (
-        "import sys; from pathlib import Path; from aiodcp import _retention;"
+        "import sys; from pathlib import Path; from aiodcp._disk import _retention;"
         "_retention.hold_step(Path(sys.argv[1]), 2)"
     )
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=60)

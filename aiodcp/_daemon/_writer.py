@@ -65,8 +65,11 @@ class FileDigest:
 _DIGEST_FQN = "\0aiodcp-digest/"
 _SLICE = 1 << 20
 
-# Seconds to sleep per MiB written; lets tests watch the progress of a single big write.
-_SLOW_MIB = float(os.environ.get("AIODCP_TEST_SLOW_WRITE_MIB", "0") or 0)
+
+def _slow_mib() -> float:
+    """Test-only: seconds to sleep per MiB written, so tests can watch the progress of a
+    single big write (read at each write: a forked daemon has its own spawn's environment)."""
+    return float(os.environ.get("AIODCP_TEST_SLOW_WRITE_MIB", "0") or 0)
 
 
 def _ignore(n: int) -> None:
@@ -104,8 +107,8 @@ class _HashingStream:
                 self.error = self.error or exc
                 raise
             self.hash.update(piece)
-            if _SLOW_MIB:  # fault-injection hook for tests: a slow disk
-                time.sleep(_SLOW_MIB * piece.nbytes / _SLICE)
+            if slow := _slow_mib():  # fault-injection hook for tests: a slow disk
+                time.sleep(slow * piece.nbytes / _SLICE)
             counted = min(piece.nbytes, self.count)
             self.count -= counted
             self.unreported += counted
