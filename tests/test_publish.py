@@ -373,3 +373,78 @@ def test_an_object_store_root_is_refused_for_publication() -> None:
         with pytest.raises(ValueError, match="needs a local root"):
             make()
     assert not Path("s3:").exists()
+
+
+# ------------------------------------------------------------ races (adversarial)
+@pytest.mark.asyncio
+async def test_a_reader_dying_with_two_acquires_in_flight_leaves_no_lease(tmp_path: Path) -> None:
+    """A reader that asked twice (a cancelled __anext__, then another) and died before the
+    answers: the first Granted fails to leave (EPIPE), the second Acquire in the same read
+    must not count a lease nobody can release (a ring of one would stay full for ever)."""
+    import socket
+
+    from aiodcp._parent._publish import socket_name
+
+    root = str(tmp_path / "root")
+    async with aiodcp.Publisher(root, ring=1, when_full="skip") as pub:
+        await pub.publish(fill(0.0), version=0)
+        name = await anyio.to_thread.run_sync(socket_name, root)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK) as sock:
+            sock.connect(name)
+            await until(lambda: pub.readers == 1)  # accepted; its Hello has left
+            wire = w.Wire(w.Side.READER)
+            assert sock.send(wire.send(w.Acquire(0)) + wire.send(w.Acquire(0))) == 2 * w.FRAME
+        # dead before the publisher reads either
+        await until(lambda: pub.readers == 0)
+        assert pub.live == {0: 0}
+        assert await pub.publish(fill(1.0), version=1) == 1
+
+
+def test_a_version_sealed_while_the_publisher_closes_is_not_left_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy thread that finishes a version (save(publish=True)) while the publisher
+    closes: the version is closed, never parked in an inbox nobody reads (a memfd left
+    open) nor announced through a closed (or reused) wake-up descriptor."""
+    import threading
+
+    from aiodcp._parent import _publish
+    from aiodcp._staging._versions import seal_from_state
+
+    root = str(tmp_path / "root")
+    box: dict[str, object] = {}
+    real_close = os.close
+
+    def close(fd: int) -> None:
+        real_close(fd)
+        pub = box.get("pub")
+        if pub is not None and fd == box.get("wake_r") and "thread" not in box:
+            ticket = box["ticket"]
+
+            def finish() -> None:
+                try:
+                    ticket._finish(seal_from_state(fill(1.0), 1))  # type: ignore[attr-defined]
+                except BaseException as exc:  # reported below
+                    box["error"] = exc
+
+            thread = threading.Thread(target=finish)
+            box["thread"] = thread
+            thread.start()
+            thread.join(1.0)  # done at once unless the close holds the inbox
+
+    async def main() -> None:
+        async with aiodcp.Publisher(root) as pub:
+            await pub.publish(fill(0.0), version=0)
+            box["ticket"] = await pub.reserve(1)
+            box["wake_r"] = pub._wake_r
+            box["pub"] = pub
+            monkeypatch.setattr(_publish.os, "close", close)
+
+    before = len(memfds())
+    anyio.run(main)
+    monkeypatch.undo()
+    thread = box["thread"]
+    assert isinstance(thread, threading.Thread)
+    thread.join(30)
+    assert "error" not in box, box.get("error")
+    assert len(memfds()) == before

@@ -116,9 +116,11 @@ class _Reader:
         self.gone = False
 
     def send(self, msg: w.Message, fd: int | None = None) -> None:
+        # The protocol's state moves first, whether or not the bytes can leave: a lease
+        # counted for a Granted is in ``wire.held``, which ``_drop`` gives back.
+        frame = memoryview(self.wire.send(msg))
         if self.gone:
             return
-        frame = memoryview(self.wire.send(msg))
         announce = isinstance(msg, w.Announce)
         if announce:  # only the newest announcement matters: drop unsent older ones
             head = self.queue[0] if self.queue else None
@@ -280,15 +282,15 @@ class Publisher:
         for entry in self._entries.values():
             entry.sealed.close()
         self._entries.clear()
-        with self._inbox_lock:
+        with self._inbox_lock:  # a copy thread posts after this: it closes its version
             inbox, self._inbox = self._inbox, []
+            for fd in (self._wake_r, self._wake_w):
+                if fd >= 0:
+                    os.close(fd)
+            self._wake_r = self._wake_w = -1
         for _, sealed in inbox:
             if sealed is not None:
                 sealed.close()
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                os.close(fd)
-        self._wake_r = self._wake_w = -1
 
     # ------------------------------------------------------------ inspection
     @property
