@@ -448,3 +448,37 @@ def test_a_version_sealed_while_the_publisher_closes_is_not_left_open(
     thread.join(30)
     assert "error" not in box, box.get("error")
     assert len(memfds()) == before
+
+
+@pytest.mark.asyncio
+async def test_a_connection_the_publisher_never_served_is_not_its_death(tmp_path: Path) -> None:
+    """A reader that connects while a publisher closes (in its listen backlog, never
+    greeted) was not served: it waits for the next publisher, as with none at all,
+    instead of raising PublisherGoneError for a publisher it never followed."""
+    import socket
+
+    from aiodcp._parent._publish import socket_name
+
+    root = str(tmp_path / "root")
+    name = await anyio.to_thread.run_sync(socket_name, root)
+    got: list[int] = []
+    async with aiodcp.follow(root, source="memory", poll_interval=0.05) as versions:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as closing:
+            closing.bind(name)
+            closing.listen(8)
+
+            async def first() -> None:
+                async with await versions.__anext__() as version:
+                    got.append(version.number)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(first)
+                await anyio.sleep(0.3)  # the reader is in the backlog now
+                closing.close()  # the "publisher" goes without a word
+                await anyio.sleep(0.3)
+                async with aiodcp.Publisher(root) as pub:
+                    await pub.publish(fill(3.0), version=3)
+                    with anyio.fail_after(60):
+                        while not got:  # noqa: ASYNC110  (the reader's task sets it)
+                            await anyio.sleep(0.02)
+    assert got == [3]
