@@ -383,7 +383,7 @@ async def test_a_reader_dying_with_two_acquires_in_flight_leaves_no_lease(tmp_pa
     must not count a lease nobody can release (a ring of one would stay full for ever)."""
     import socket
 
-    from aiodcp._parent._publish import socket_name
+    from aiodcp._parent._pubconn import socket_name
 
     root = str(tmp_path / "root")
     async with aiodcp.Publisher(root, ring=1, when_full="skip") as pub:
@@ -457,7 +457,7 @@ async def test_a_connection_the_publisher_never_served_is_not_its_death(tmp_path
     instead of raising PublisherGoneError for a publisher it never followed."""
     import socket
 
-    from aiodcp._parent._publish import socket_name
+    from aiodcp._parent._pubconn import socket_name
 
     root = str(tmp_path / "root")
     name = await anyio.to_thread.run_sync(socket_name, root)
@@ -482,3 +482,37 @@ async def test_a_connection_the_publisher_never_served_is_not_its_death(tmp_path
                         while not got:  # noqa: ASYNC110  (the reader's task sets it)
                             await anyio.sleep(0.02)
     assert got == [3]
+
+
+def test_the_ring_counts_places_and_closes_what_leaves() -> None:
+    """The ring's bookkeeping alone: the latest and the leased versions stay, a place is
+    pinned by a lease or a reserved ticket, a late older version is closed unannounced,
+    and a gone reader's recorded leases are given back."""
+    from aiodcp._parent._ring import Ring
+    from aiodcp._staging._versions import Sealed
+
+    closed: list[int] = []
+
+    class FakeSealed(Sealed):
+        def close(self) -> None:
+            closed.append(self.nbytes)
+
+    ring = Ring(2)
+    assert ring.check_version(None) == 0 and not ring.full()
+    ring.reserve("t0", 0)
+    ring.reserve("t1", 1)
+    assert ring.full()  # two tickets pin both places
+    assert ring.install("t1", 1, FakeSealed(-1, 1, 0, 0))
+    assert not ring.install("t0", 0, FakeSealed(-1, 0, 0, 0)) and closed == [0]  # late
+    assert ring.acquire(1) is not None and ring.acquire(7) is None
+    ring.reserve("t2", 2)
+    assert ring.full() and ring.leases() == {1: 1}
+    assert ring.install("t2", 2, FakeSealed(-1, 2, 0, 0))
+    assert ring.leases() == {1: 1, 2: 0} and closed == [0]  # 1 is leased: it stays
+    ring.release_all({1: 1})
+    ring.trim()
+    assert ring.leases() == {2: 0} and closed == [0, 1]
+    with pytest.raises(ValueError, match="not newer"):
+        ring.check_version(2)
+    with pytest.raises(ValueError, match="ring must be"):
+        Ring(0)

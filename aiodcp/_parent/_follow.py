@@ -39,7 +39,7 @@ from .._errors import (
 from .._staging._versions import Mapped, copy_into, views_state_dict
 from .._wire import _pubwire as w
 from ._load import load_checkpoint
-from ._publish import peer_uid, socket_name
+from ._pubconn import peer_uid, socket_name
 from ._watch import _drain, _inotify
 
 __all__ = ["Follower", "Version", "follow"]
