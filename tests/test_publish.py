@@ -516,3 +516,24 @@ def test_the_ring_counts_places_and_closes_what_leaves() -> None:
         ring.check_version(2)
     with pytest.raises(ValueError, match="ring must be"):
         Ring(0)
+
+
+@pytest.mark.asyncio
+async def test_a_spare_of_an_old_size_is_replaced(tmp_path: Path) -> None:
+    """The spare memfd is made for the last version's size; when the published state
+    changes size, the old spare (a whole version of memory) is dropped and one of the
+    new size made, instead of being kept unused for ever."""
+    root = str(tmp_path / "root")
+
+    def spare_bytes(pub: aiodcp.Publisher) -> int | None:
+        ready = pub._spare._ready
+        return None if ready is None else ready[4]
+
+    big = {"w": torch.ones(1 << 20)}  # 4 MiB
+    small = {"w": torch.ones(1 << 10)}  # 4 KiB
+    async with aiodcp.Publisher(root) as pub:
+        await pub.publish(big)
+        await until(lambda: spare_bytes(pub) == 4 << 20)
+        await pub.publish(small)  # the spare does not fit: allocated as it goes
+        await until(lambda: spare_bytes(pub) == 4 << 10, within=10)
+        assert len(mapped(name="memfd:aiodcp-version")) == 1  # the new spare only

@@ -319,9 +319,8 @@ class Publisher:
         self._signal()
 
     async def _make_spare(self, nbytes: int, header_nbytes: int) -> None:
-        capacity = max(2 * header_nbytes, 4096)
         try:
-            await anyio.to_thread.run_sync(self._spare.make, nbytes, capacity)
+            await anyio.to_thread.run_sync(self._spare.make, nbytes, header_nbytes)
         except OSError as exc:  # no memory for it now: publishes allocate as they go
             log.warning("publisher: no spare version made: %s", exc)
         finally:
