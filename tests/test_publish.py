@@ -86,8 +86,9 @@ class Proc:
 
 
 @asynccontextmanager
-async def worker(*args: str) -> AsyncIterator[Proc]:
-    process = await anyio.open_process([sys.executable, WORKER, *args], env=ENV, stderr=None)
+async def worker(*args: str, loop: str = "asyncio") -> AsyncIterator[Proc]:
+    env = {**ENV, "AIODCP_TEST_LOOP": loop}
+    process = await anyio.open_process([sys.executable, WORKER, *args], env=env, stderr=None)
     try:
         yield Proc(process)
     finally:
@@ -131,6 +132,27 @@ async def test_four_readers_never_see_a_torn_version(tmp_path: Path) -> None:
                 seen = [int(x.split()[1]) for x in lines if x.startswith("ok")]
                 assert seen and seen == sorted(seen) and seen[-1] == 29, lines
                 assert not [x for x in lines if x.startswith("torn")], lines
+
+
+@pytest.mark.asyncio
+async def test_readers_on_trio_and_uvloop_follow_a_learner_on_asyncio(tmp_path: Path) -> None:
+    """Readers whose programs run trio or uvloop follow the same publisher as an asyncio
+    one (their own loops wait on the socket): each sees whole versions, up to the last."""
+    root = str(tmp_path / "root")
+    async with (
+        worker("reader", root, "0", "9", loop="trio") as r0,
+        worker("reader", root, "0", "9", loop="uvloop") as r1,
+    ):
+        async with aiodcp.Publisher(root) as pub:
+            await until(lambda: pub.readers == 2, within=150)
+            for v in range(10):
+                await pub.publish(state(float(v)), version=v)
+                await anyio.sleep(0.05)
+            for r in (r0, r1):
+                lines = await r.finish()
+                assert r.process.returncode == 0, lines
+                seen = [int(x.split()[1]) for x in lines if x.startswith("ok")]
+                assert seen and seen == sorted(seen) and seen[-1] == 9, lines
 
 
 @pytest.mark.asyncio
