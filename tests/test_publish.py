@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
@@ -559,3 +560,58 @@ async def test_a_spare_of_an_old_size_is_replaced(tmp_path: Path) -> None:
         await pub.publish(small)  # the spare does not fit: allocated as it goes
         await until(lambda: spare_bytes(pub) == 4 << 10, within=10)
         assert len(mapped(name="memfd:aiodcp-version")) == 1  # the new spare only
+
+
+@pytest.mark.asyncio
+async def test_a_reader_the_learner_has_no_descriptor_for_does_not_crash_it(
+    tmp_path: Path,
+) -> None:
+    """A learner at its open-files limit when a reader connects (EMFILE on accept): the
+    publisher logs it and accepts later, once a descriptor is free; when it asks for a
+    version then (EMFILE on the descriptor's dup), that reader alone is dropped, its
+    lease given back. The learner's own code goes on and publishes: a reader's
+    connection must never crash the learner."""
+    import resource
+    import socket
+
+    from aiodcp._parent._pubconn import socket_name
+
+    root = str(tmp_path / "root")
+    name = await anyio.to_thread.run_sync(socket_name, root)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    async with aiodcp.Publisher(root) as pub:
+        await pub.publish(fill(0.0), version=0)
+        await anyio.sleep(0.3)  # the spare is made: no descriptor needed but the accept's
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        fillers: list[int] = []
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (client.fileno() + 8, hard))
+            try:
+                with contextlib.suppress(OSError):
+                    while True:  # take every number left below the limit
+                        fillers.append(os.dup(client.fileno()))
+                client.connect(name)  # in the backlog: accept() has no fd for it
+                await anyio.sleep(0.3)
+                assert pub.readers == 0
+            finally:
+                while fillers:
+                    os.close(fillers.pop())
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            await until(lambda: pub.readers == 1, within=10)
+            assert await pub.publish(fill(1.0), version=1) == 1
+            # no descriptor to send a version with: that reader is dropped, nobody else
+            resource.setrlimit(resource.RLIMIT_NOFILE, (client.fileno() + 8, hard))
+            try:
+                with contextlib.suppress(OSError):
+                    while True:
+                        fillers.append(os.dup(client.fileno()))
+                client.send(w.Wire(w.Side.READER).send(w.Acquire(1)))
+                await until(lambda: pub.readers == 0, within=10)
+            finally:
+                while fillers:
+                    os.close(fillers.pop())
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            assert pub.live == {1: 0}
+            assert await pub.publish(fill(2.0), version=2) == 2
+        finally:
+            client.close()

@@ -335,6 +335,10 @@ class Publisher:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 continue
+            except OSError as exc:  # EMFILE, ENOBUFS, ECONNABORTED...: never the learner's end
+                log.warning("publisher: cannot accept a reader now (%s); retrying", exc)
+                await anyio.sleep(0.1)  # it stays in the backlog meanwhile
+                continue
             sock.setblocking(False)
             if peer_uid(sock) != os.getuid():
                 log.warning("publisher: refused a reader of another user")
@@ -379,7 +383,7 @@ class Publisher:
             try:
                 while (item := reader.wire.next_message()) is not None:
                     self._handle(reader, item[0])
-            except ProtocolError as exc:
+            except (ProtocolError, OSError) as exc:  # (EMFILE on a version's dup): it alone
                 log.warning("publisher: dropping a reader: %s", exc)
                 return
 
