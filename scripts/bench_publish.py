@@ -1,6 +1,7 @@
 """Live publication vs the disk path vs a torch.save/torch.load handoff, side by side.
 
     python scripts/bench_publish.py [--sizes-mib 256 1024] [--rounds 3] [--dir DIR]
+                                    [--overhead-mib 256] [--steps 8]
 
 One run, rounds interleaved (every path once per size per round). For each size:
 
@@ -15,6 +16,17 @@ One run, rounds interleaved (every path once per size per round). For each size:
 Latency is monotonic time from the call in the learner to the moment the reader holds
 the new weights *in its own tensors* (after the copy), and, for memory and disk, to the
 moment it holds the lease. Reader bandwidth is bytes / the reader's copy (or load) time.
+
+Then the learner's overhead: a training step (a small MLP's forward, backward and
+AdamW step) followed by ``await pub.publish(policy)`` of an ``--overhead-mib`` policy,
+``--steps`` steps per round, rounds alternating between a publisher no reader follows
+and one that 4 reader processes follow (each ``copy_into`` every version it gets).
+The ratio is the median step time with 4 readers over the median with none; the
+step's own compute (without the publish) is reported beside it, since on a small
+machine the readers' copies take cores from the trainer.
+
+The ratios printed last are the issue's targets: publication's latency over the disk
+path's and over the torch handoff's, and each reader copy over a memcpy of the bytes.
 """
 
 from __future__ import annotations
@@ -108,7 +120,62 @@ def memcpy_s(mib: int) -> float:
     return time.perf_counter() - t
 
 
-async def main(sizes: list[int], rounds: int, base: Path) -> None:
+def mlp() -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(1024, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024)
+    )
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4), torch.randn(64, 1024)
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> float:
+    t = time.perf_counter()
+    model(x).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+    return time.perf_counter() - t
+
+
+async def overhead(mib: int, rounds: int, steps: int, base: Path) -> dict[str, list[float]]:
+    """Step times (train + publish) with no reader and with 4 readers, interleaved."""
+    state = make_state(mib)
+    model, opt, x = mlp()
+    train_step(model, opt, x)  # warm
+    out: dict[str, list[float]] = {}
+    roots = {0: base / f"ovh0-{mib}", 4: base / f"ovh4-{mib}"}
+    async with aiodcp.Publisher(roots[0]) as alone, aiodcp.Publisher(roots[4]) as followed:
+        readers = [await spawn("memory", str(roots[4]), mib) for _ in range(4)]
+        drains = [asyncio.create_task(drain(r)) for r in readers]
+        while followed.readers < 4:  # noqa: ASYNC110  (a count, not an event)
+            await asyncio.sleep(0.05)
+        version = 0
+        for rnd in range(rounds + 1):  # round 0 warms up
+            for n, pub in ((0, alone), (4, followed)):
+                for _ in range(steps):
+                    t = time.perf_counter()
+                    compute = train_step(model, opt, x)
+                    got = await pub.publish(state, version=version)
+                    version += 1
+                    if rnd:
+                        out.setdefault(f"step{n}", []).append(time.perf_counter() - t)
+                        out.setdefault(f"compute{n}", []).append(compute)
+                        out.setdefault(f"skipped{n}", []).append(float(got is None))
+                await asyncio.sleep(1.0)  # readers finish their copies before the next phase
+        for task in drains:
+            task.cancel()
+        for r in readers:
+            r.proc.kill()
+            await r.proc.wait()
+    return out
+
+
+async def drain(r: Reader) -> None:
+    assert r.proc.stdout is not None
+    while await r.proc.stdout.readline():
+        pass
+
+
+async def main(sizes: list[int], rounds: int, base: Path, overhead_mib: int, steps: int) -> None:
     results: dict[tuple[int, str], dict[str, list[float]]] = {}
     for mib in sizes:
         state = make_state(mib)
@@ -128,7 +195,7 @@ async def main(sizes: list[int], rounds: int, base: Path) -> None:
             }
             for rnd in range(rounds + 1):  # round 0 warms up (first faults, first arena)
                 for path in ("memory", "disk", "torch", "memcpy"):
-                    for t in state["w"].values():  # type: ignore[union-attr]
+                    for t in state["w"].values():  # type: ignore[attr-defined]
                         t.fill_(float(rnd))
                     state["v"] = rnd
                     rec = results.setdefault((mib, path), {})
@@ -159,7 +226,12 @@ async def main(sizes: list[int], rounds: int, base: Path) -> None:
                 r.proc.kill()
                 await r.proc.wait()
         del state
-    print(f"\nrounds: {rounds} (median; interleaved), machine: {os.cpu_count()} CPUs\n")
+    ovh = await overhead(overhead_mib, rounds, steps, base) if overhead_mib else {}
+    load = os.getloadavg()
+    print(
+        f"\nrounds: {rounds} (median; interleaved), machine: {os.cpu_count()} CPUs, "
+        f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}\n"
+    )
     print(
         "| size | path | version latency (call -> weights in reader) | lease held after |"
         " reader copy GiB/s |"
@@ -170,6 +242,29 @@ async def main(sizes: list[int], rounds: int, base: Path) -> None:
         lat = f"{med['latency'] * 1e3:.0f} ms" if "latency" in med else "-"
         held = f"{med['held'] * 1e3:.0f} ms" if "held" in med and path != "torch" else "-"
         print(f"| {mib} MiB | {path} | {lat} | {held} | {med['gibs']:.2f} |")
+    print("\nratios (medians): latency publication/disk, publication/torch; reader copy / memcpy")
+    for mib in sizes:
+        meds = {
+            path: {k: statistics.median(v) for k, v in results[(mib, path)].items()}
+            for path in ("memory", "disk", "torch", "memcpy")
+        }
+        mem = meds["memory"]
+        print(
+            f"  {mib} MiB: latency {mem['latency'] / meds['disk']['latency']:.2f}x disk "
+            f"(target <= 0.1), {mem['latency'] / meds['torch']['latency']:.2f}x torch; "
+            f"copy {mem['gibs'] / meds['memcpy']['gibs']:.2f}x memcpy (target >= 0.8), "
+            f"disk load {meds['disk']['gibs'] / meds['memcpy']['gibs']:.2f}x, "
+            f"torch.load {meds['torch']['gibs'] / meds['memcpy']['gibs']:.2f}x"
+        )
+    if ovh:
+        m = {k: statistics.median(v) for k, v in ovh.items()}
+        print(
+            f"  learner step + publish of {overhead_mib} MiB: {m['step0'] * 1e3:.0f} ms alone, "
+            f"{m['step4'] * 1e3:.0f} ms with 4 readers: {m['step4'] / m['step0']:.2f}x "
+            f"(its compute alone {m['compute0'] * 1e3:.0f} -> {m['compute4'] * 1e3:.0f} ms, "
+            f"{m['compute4'] / m['compute0']:.2f}x; publishes skipped, ring full: "
+            f"{sum(ovh['skipped0']):.0f} / {sum(ovh['skipped4']):.0f} of {len(ovh['step0'])})"
+        )
 
 
 if __name__ == "__main__":
@@ -180,6 +275,8 @@ if __name__ == "__main__":
         ap.add_argument("--sizes-mib", type=int, nargs="+", default=[256, 1024])
         ap.add_argument("--rounds", type=int, default=3)
         ap.add_argument("--dir", default=None)
+        ap.add_argument("--overhead-mib", type=int, default=256, help="0: skip the overhead")
+        ap.add_argument("--steps", type=int, default=8, help="training steps per overhead round")
         args = ap.parse_args()
         with tempfile.TemporaryDirectory(dir=args.dir) as d:
-            asyncio.run(main(args.sizes_mib, args.rounds, Path(d)))
+            asyncio.run(main(args.sizes_mib, args.rounds, Path(d), args.overhead_mib, args.steps))

@@ -8,12 +8,14 @@ two values (or a value that is not its number).
     python publish_worker.py reader ROOT [hold-seconds] [stop-at] [hold-forever]
 
 Each line printed is one event: ``published N``, ``holding N``, ``ok N``,
-``gone``, ``end``.
+``gone``, ``end``. ``AIODCP_TEST_LOOP=trio`` or ``uvloop`` runs it on that loop.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import Any
 
 import anyio
 import torch
@@ -78,14 +80,25 @@ async def reader(root: str, hold: float, stop_at: int, hold_forever: bool) -> No
 
 def main() -> None:
     mode, root, *rest = sys.argv[1:]
+    loop = os.environ.get("AIODCP_TEST_LOOP", "asyncio")
+    options: dict[str, Any] = {"backend": "trio" if loop == "trio" else "asyncio"}
+    if loop == "uvloop":
+        import uvloop
+
+        options["backend_options"] = {"loop_factory": uvloop.new_event_loop}
     if mode == "learner":
         anyio.run(
-            learner, root, int(rest[0]), float(rest[1]), float(rest[2]) if len(rest) > 2 else 0
+            learner,
+            root,
+            int(rest[0]),
+            float(rest[1]),
+            float(rest[2]) if len(rest) > 2 else 0,
+            **options,
         )
     else:
         hold = float(rest[0]) if rest else 0.0
         stop_at = int(rest[1]) if len(rest) > 1 else 1 << 62
-        anyio.run(reader, root, hold, stop_at, len(rest) > 2)
+        anyio.run(reader, root, hold, stop_at, len(rest) > 2, **options)
 
 
 if __name__ == "__main__":

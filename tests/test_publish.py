@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
@@ -86,8 +87,9 @@ class Proc:
 
 
 @asynccontextmanager
-async def worker(*args: str) -> AsyncIterator[Proc]:
-    process = await anyio.open_process([sys.executable, WORKER, *args], env=ENV, stderr=None)
+async def worker(*args: str, loop: str = "asyncio") -> AsyncIterator[Proc]:
+    env = {**ENV, "AIODCP_TEST_LOOP": loop}
+    process = await anyio.open_process([sys.executable, WORKER, *args], env=env, stderr=None)
     try:
         yield Proc(process)
     finally:
@@ -131,6 +133,27 @@ async def test_four_readers_never_see_a_torn_version(tmp_path: Path) -> None:
                 seen = [int(x.split()[1]) for x in lines if x.startswith("ok")]
                 assert seen and seen == sorted(seen) and seen[-1] == 29, lines
                 assert not [x for x in lines if x.startswith("torn")], lines
+
+
+@pytest.mark.asyncio
+async def test_readers_on_trio_and_uvloop_follow_a_learner_on_asyncio(tmp_path: Path) -> None:
+    """Readers whose programs run trio or uvloop follow the same publisher as an asyncio
+    one (their own loops wait on the socket): each sees whole versions, up to the last."""
+    root = str(tmp_path / "root")
+    async with (
+        worker("reader", root, "0", "9", loop="trio") as r0,
+        worker("reader", root, "0", "9", loop="uvloop") as r1,
+    ):
+        async with aiodcp.Publisher(root) as pub:
+            await until(lambda: pub.readers == 2, within=150)
+            for v in range(10):
+                await pub.publish(state(float(v)), version=v)
+                await anyio.sleep(0.05)
+            for r in (r0, r1):
+                lines = await r.finish()
+                assert r.process.returncode == 0, lines
+                seen = [int(x.split()[1]) for x in lines if x.startswith("ok")]
+                assert seen and seen == sorted(seen) and seen[-1] == 9, lines
 
 
 @pytest.mark.asyncio
@@ -373,3 +396,222 @@ def test_an_object_store_root_is_refused_for_publication() -> None:
         with pytest.raises(ValueError, match="needs a local root"):
             make()
     assert not Path("s3:").exists()
+
+
+# ------------------------------------------------------------ races (adversarial)
+@pytest.mark.asyncio
+async def test_a_reader_dying_with_two_acquires_in_flight_leaves_no_lease(tmp_path: Path) -> None:
+    """A reader that asked twice (a cancelled __anext__, then another) and died before the
+    answers: the first Granted fails to leave (EPIPE), the second Acquire in the same read
+    must not count a lease nobody can release (a ring of one would stay full for ever)."""
+    import socket
+
+    from aiodcp._parent._pubconn import socket_name
+
+    root = str(tmp_path / "root")
+    async with aiodcp.Publisher(root, ring=1, when_full="skip") as pub:
+        await pub.publish(fill(0.0), version=0)
+        name = await anyio.to_thread.run_sync(socket_name, root)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK) as sock:
+            sock.connect(name)
+            await until(lambda: pub.readers == 1)  # accepted; its Hello has left
+            wire = w.Wire(w.Side.READER)
+            assert sock.send(wire.send(w.Acquire(0)) + wire.send(w.Acquire(0))) == 2 * w.FRAME
+        # dead before the publisher reads either
+        await until(lambda: pub.readers == 0)
+        assert pub.live == {0: 0}
+        assert await pub.publish(fill(1.0), version=1) == 1
+
+
+def test_a_version_sealed_while_the_publisher_closes_is_not_left_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy thread that finishes a version (save(publish=True)) while the publisher
+    closes: the version is closed, never parked in an inbox nobody reads (a memfd left
+    open) nor announced through a closed (or reused) wake-up descriptor."""
+    import threading
+
+    from aiodcp._parent import _publish
+    from aiodcp._staging._versions import seal_from_state
+
+    root = str(tmp_path / "root")
+    box: dict[str, object] = {}
+    real_close = os.close
+
+    def close(fd: int) -> None:
+        real_close(fd)
+        pub = box.get("pub")
+        if pub is not None and fd == box.get("wake_r") and "thread" not in box:
+            ticket = box["ticket"]
+
+            def finish() -> None:
+                try:
+                    ticket._finish(seal_from_state(fill(1.0), 1))  # type: ignore[attr-defined]
+                except BaseException as exc:  # reported below
+                    box["error"] = exc
+
+            thread = threading.Thread(target=finish)
+            box["thread"] = thread
+            thread.start()
+            thread.join(1.0)  # done at once unless the close holds the inbox
+
+    async def main() -> None:
+        async with aiodcp.Publisher(root) as pub:
+            await pub.publish(fill(0.0), version=0)
+            box["ticket"] = await pub.reserve(1)
+            box["wake_r"] = pub._wake_r
+            box["pub"] = pub
+            monkeypatch.setattr(_publish.os, "close", close)
+
+    before = len(memfds())
+    anyio.run(main)
+    monkeypatch.undo()
+    thread = box["thread"]
+    assert isinstance(thread, threading.Thread)
+    thread.join(30)
+    assert "error" not in box, box.get("error")
+    assert len(memfds()) == before
+
+
+@pytest.mark.asyncio
+async def test_a_connection_the_publisher_never_served_is_not_its_death(tmp_path: Path) -> None:
+    """A reader that connects while a publisher closes (in its listen backlog, never
+    greeted) was not served: it waits for the next publisher, as with none at all,
+    instead of raising PublisherGoneError for a publisher it never followed."""
+    import socket
+
+    from aiodcp._parent._pubconn import socket_name
+
+    root = str(tmp_path / "root")
+    name = await anyio.to_thread.run_sync(socket_name, root)
+    got: list[int] = []
+    async with aiodcp.follow(root, source="memory", poll_interval=0.05) as versions:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as closing:
+            closing.bind(name)
+            closing.listen(8)
+
+            async def first() -> None:
+                async with await versions.__anext__() as version:
+                    got.append(version.number)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(first)
+                await anyio.sleep(0.3)  # the reader is in the backlog now
+                closing.close()  # the "publisher" goes without a word
+                await anyio.sleep(0.3)
+                async with aiodcp.Publisher(root) as pub:
+                    await pub.publish(fill(3.0), version=3)
+                    with anyio.fail_after(60):
+                        while not got:  # noqa: ASYNC110  (the reader's task sets it)
+                            await anyio.sleep(0.02)
+    assert got == [3]
+
+
+def test_the_ring_counts_places_and_closes_what_leaves() -> None:
+    """The ring's bookkeeping alone: the latest and the leased versions stay, a place is
+    pinned by a lease or a reserved ticket, a late older version is closed unannounced,
+    and a gone reader's recorded leases are given back."""
+    from aiodcp._parent._ring import Ring
+    from aiodcp._staging._versions import Sealed
+
+    closed: list[int] = []
+
+    class FakeSealed(Sealed):
+        def close(self) -> None:
+            closed.append(self.nbytes)
+
+    ring = Ring(2)
+    assert ring.check_version(None) == 0 and not ring.full()
+    ring.reserve("t0", 0)
+    ring.reserve("t1", 1)
+    assert ring.full()  # two tickets pin both places
+    assert ring.install("t1", 1, FakeSealed(-1, 1, 0, 0))
+    assert not ring.install("t0", 0, FakeSealed(-1, 0, 0, 0)) and closed == [0]  # late
+    assert ring.acquire(1) is not None and ring.acquire(7) is None
+    ring.reserve("t2", 2)
+    assert ring.full() and ring.leases() == {1: 1}
+    assert ring.install("t2", 2, FakeSealed(-1, 2, 0, 0))
+    assert ring.leases() == {1: 1, 2: 0} and closed == [0]  # 1 is leased: it stays
+    ring.release_all({1: 1})
+    ring.trim()
+    assert ring.leases() == {2: 0} and closed == [0, 1]
+    with pytest.raises(ValueError, match="not newer"):
+        ring.check_version(2)
+    with pytest.raises(ValueError, match="ring must be"):
+        Ring(0)
+
+
+@pytest.mark.asyncio
+async def test_a_spare_of_an_old_size_is_replaced(tmp_path: Path) -> None:
+    """The spare memfd is made for the last version's size; when the published state
+    changes size, the old spare (a whole version of memory) is dropped and one of the
+    new size made, instead of being kept unused for ever."""
+    root = str(tmp_path / "root")
+
+    def spare_bytes(pub: aiodcp.Publisher) -> int | None:
+        ready = pub._spare._ready
+        return None if ready is None else ready[4]
+
+    big = {"w": torch.ones(1 << 20)}  # 4 MiB
+    small = {"w": torch.ones(1 << 10)}  # 4 KiB
+    async with aiodcp.Publisher(root) as pub:
+        await pub.publish(big)
+        await until(lambda: spare_bytes(pub) == 4 << 20)
+        await pub.publish(small)  # the spare does not fit: allocated as it goes
+        await until(lambda: spare_bytes(pub) == 4 << 10, within=10)
+        assert len(mapped(name="memfd:aiodcp-version")) == 1  # the new spare only
+
+
+@pytest.mark.asyncio
+async def test_a_reader_the_learner_has_no_descriptor_for_does_not_crash_it(
+    tmp_path: Path,
+) -> None:
+    """A learner at its open-files limit when a reader connects (EMFILE on accept): the
+    publisher logs it and accepts later, once a descriptor is free; when it asks for a
+    version then (EMFILE on the descriptor's dup), that reader alone is dropped, its
+    lease given back. The learner's own code goes on and publishes: a reader's
+    connection must never crash the learner."""
+    import resource
+    import socket
+
+    from aiodcp._parent._pubconn import socket_name
+
+    root = str(tmp_path / "root")
+    name = await anyio.to_thread.run_sync(socket_name, root)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    async with aiodcp.Publisher(root) as pub:
+        await pub.publish(fill(0.0), version=0)
+        await anyio.sleep(0.3)  # the spare is made: no descriptor needed but the accept's
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        fillers: list[int] = []
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (client.fileno() + 8, hard))
+            try:
+                with contextlib.suppress(OSError):
+                    while True:  # take every number left below the limit
+                        fillers.append(os.dup(client.fileno()))
+                client.connect(name)  # in the backlog: accept() has no fd for it
+                await anyio.sleep(0.3)
+                assert pub.readers == 0
+            finally:
+                while fillers:
+                    os.close(fillers.pop())
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            await until(lambda: pub.readers == 1, within=10)
+            assert await pub.publish(fill(1.0), version=1) == 1
+            # no descriptor to send a version with: that reader is dropped, nobody else
+            resource.setrlimit(resource.RLIMIT_NOFILE, (client.fileno() + 8, hard))
+            try:
+                with contextlib.suppress(OSError):
+                    while True:
+                        fillers.append(os.dup(client.fileno()))
+                client.send(w.Wire(w.Side.READER).send(w.Acquire(1)))
+                await until(lambda: pub.readers == 0, within=10)
+            finally:
+                while fillers:
+                    os.close(fillers.pop())
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            assert pub.live == {1: 0}
+            assert await pub.publish(fill(2.0), version=2) == 2
+        finally:
+            client.close()

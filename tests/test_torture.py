@@ -29,7 +29,8 @@ def test_random_schedules_one_rank(tmp_path: Path) -> None:
     """100 random schedules (by default) on asyncio (see tests/torture.py for the
     operations, asyncio's own cancellation among them, and the invariants): every handle
     resolves in bounded time to an outcome its operation allows, every commit loads
-    bit-exact, nothing partial is listed, nothing leaks at any close."""
+    bit-exact, nothing partial is listed, every published version a reader sees is whole
+    and unchanged while leased, nothing leaks at any close (memfds, mappings, /dev/shm)."""
     cmd = [sys.executable, str(TORTURE), str(tmp_path), "--seed", SEED]
     cmd += ["--schedules", str(SCHEDULES)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=None if LONG else 280)

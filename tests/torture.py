@@ -13,15 +13,24 @@ One *schedule* is 3-6 random operations on an open checkpointer:
 * ``prepare``, ``cancel``, awaiting, ``wait``, SIGKILL and SIGSTOP/SIGCONT of the
   daemon, a raising ``on_event``;
 
+* ``publish`` (``ckpt.publish``) and ``savepub`` (``save(publish=True)``), through a
+  ring of 1-3 places under a random ``when_full``, while a reader task follows the
+  publication (its ``__anext__`` sometimes cancelled mid-flight) and holds each
+  version a random while;
+
 with other programs' entries and an incomplete ``step_N/`` in the root, and, when
 retention is on, a reader loading with ``verify=True`` meanwhile. Then the
 invariants: every handle resolves within a bound to an outcome its operation allows
 (a save with no fault must commit; a failure is the injected fault's); ``wait()``
 raises exactly the failure nobody awaited; every committed step loads bit-exact to
 the values at its ``save()`` call; the disk lists nothing uncommitted; readers never
-see anything but the step or CheckpointNotFoundError. At every close nothing may be
-left: no daemon, arena memfd, descriptor or thread; the garbage collector and switch
-interval as they were; the foreign entries untouched. Run by ``tests/test_torture.py``
+see anything but the step or CheckpointNotFoundError. Publication: every value a
+reader sees (views and ``copy_into``) belongs to one version, the one published under
+that number; a leased version is in the ring and never changes while leased, and what a
+reader holds stays readable after the publisher closed. At every close nothing may be
+left: no daemon, arena or version memfd, mapping, descriptor or thread, nothing in
+``/dev/shm``; the garbage collector and switch interval as they were; the foreign
+entries untouched. Run by ``tests/test_torture.py``
 (1 rank on asyncio, on trio, and under torchrun on 2 ranks: the same seed drives
 both, faults hit one rank).
 
@@ -68,6 +77,16 @@ def _memfds() -> int:
         except OSError:
             pass
     return n
+
+
+def _maps() -> int:
+    """This process's mappings of aiodcp memfds (arenas, versions, a publisher's spare)."""
+    with open("/proc/self/maps") as f:
+        return sum("aiodcp-" in line for line in f)
+
+
+def _shm() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if "aiodcp" in n}
 
 
 def _fds() -> int:
@@ -137,7 +156,13 @@ class Torture:
         self.stats = {
             "saves": 0, "committed": 0, "failed": 0, "cancelled": 0, "kills": 0, "stops": 0,
             "native_cancels": 0, "bad_copies": 0, "duplicates": 0, "trained": 0, "reads": 0,
+            "published": 0, "pub_skipped": 0, "versions_seen": 0,
         }  # fmt: skip
+        # publication (one rank only: each rank's ring fills by its own readers' timing)
+        self.pub: aiodcp.Publisher | None = None
+        self.published: dict[int, dict[str, torch.Tensor]] = {}  # version -> values
+        self.seen: list[tuple[int, dict[str, torch.Tensor]]] = []  # what the reader saw
+        self.holding: dict[int, int] = {}  # version -> leases the reader holds now
 
     def where(self) -> str:
         return f"(seed {self.seed}, schedule {self.schedules}, rank {self.rank})"
@@ -184,12 +209,15 @@ class Torture:
         return planted
 
     async def session(self, n: int) -> None:
-        fds, memfds = _fds(), _memfds()
+        fds, memfds, maps, shm = _fds(), _memfds(), _maps(), _shm()
         threads = {t for t in threading.enumerate() if not t.name.startswith(THREAD_POOLS)}
         raising = self.rng.random() < 0.3
         self.keep_last = self.rng.choice([None, None, 2])
         planted = self.plant_foreign()
         model, opt = bn_model(self.seed + self.schedules)
+        publishing = self.world == 1 and self.rng.random() < 0.6
+        self.pub, self.published, self.holding = None, {}, {}
+        kept: tuple[Any, Any, dict[str, torch.Tensor]] | None = None
 
         def on_event(event: aiodcp.SaveEvent) -> None:
             if raising and event.phase == "staged":
@@ -204,19 +232,41 @@ class Torture:
             on_event=on_event,
         ) as ckpt:
             ckpt.guard(opt, model)
+            if publishing:
+                self.pub = await ckpt.publisher(
+                    ring=self.rng.randint(1, 3),
+                    when_full=self.rng.choice(["skip", "wait", "allocate"]),
+                )
             async with anyio.create_task_group() as readers:
                 stop = anyio.Event()
                 if self.keep_last is not None and self.world == 1:  # (loads are collective)
                     readers.start_soon(self.read_while_retention_runs, stop)
+                following = anyio.CancelScope()
+                if publishing:
+                    readers.start_soon(self.follow_publication, following)
                 try:
                     for _ in range(n):
                         await self.schedule(ckpt, model, opt)
                         self.schedules += 1
                 finally:
                     stop.set()
+                    following.cancel()
+            if publishing and self.published:
+                kept = await self.hold_latest()
+        if kept is not None:  # the publisher is gone: what the reader holds is intact
+            versions, version, values = kept
+            views = version.state_dict()
+            for k, v in values.items():
+                assert torch.equal(views[k], v), f"a held version changed at close {self.where()}"
+            await version.release()
+            await versions.aclose()
+        self.check_seen()
+        self.pub = None
         for pid in self.pids:
             assert not _alive(pid), f"daemon {pid} outlived its checkpointer {self.where()}"
         assert _memfds() == memfds, f"memfd leaked {self.where()}"
+        assert _maps() == maps, f"mapping of a memfd left {self.where()}"
+        assert _shm() == shm, f"left in /dev/shm: {_shm() - shm} {self.where()}"
         assert _fds() <= fds + 2, f"fds {fds} -> {_fds()} {self.where()}"
         assert gc.isenabled(), f"the garbage collector was left disabled {self.where()}"
         assert sys.getswitchinterval() == 0.005, f"switch interval left changed {self.where()}"
@@ -249,6 +299,99 @@ class Torture:
                         assert torch.equal(out[k], v), f"reader: step {step} {k} {self.where()}"
             await anyio.sleep(0.02)
 
+    async def follow_publication(self, scope: anyio.CancelScope) -> None:
+        """A reader following the checkpointer's publisher until ``scope`` is cancelled:
+        each version's views and copy are recorded (checked against what was published),
+        it is in the ring while leased, and unchanged when its lease ends."""
+        rng = random.Random(self.seed * 13 + self.schedules)  # never the shared stream
+        with scope:
+            async with aiodcp.follow(
+                self.root, rank=self.rank, source="memory", poll_interval=0.01
+            ) as versions:
+                while True:
+                    version = None
+                    with anyio.move_on_after(rng.choice([0.001, 0.3, 30.0])):  # cancel mid-way
+                        version = await versions.__anext__()
+                    if version is None:
+                        continue
+                    async with version:
+                        views = version.state_dict()
+                        first = {k: v.clone() for k, v in views.items()}
+                        mine = {k: torch.full_like(v, -1.0) for k, v in first.items()}
+                        await version.copy_into(mine)
+                        for k, v in first.items():
+                            assert torch.equal(mine[k], v), f"copy != views {self.where()}"
+                        self.seen.append((version.number, first))
+                        n = version.number
+                        self.holding[n] = self.holding.get(n, 0) + 1
+                        try:
+                            self.check_leases()
+                            await anyio.sleep(rng.choice([0, 0.005, 0.03, 0.2]))
+                            self.check_leases()
+                        finally:
+                            self.holding[n] -= 1
+                        for k, v in first.items():
+                            assert torch.equal(views[k], v), (
+                                f"leased version {version.number} changed {self.where()}"
+                            )
+                    self.stats["versions_seen"] += 1
+
+    def check_leases(self) -> None:
+        """A leased version is in the ring, counted at least as often as it is held."""
+        assert self.pub is not None
+        live = self.pub.live
+        for number, count in self.holding.items():
+            assert not count or live.get(number, -1) >= count, (
+                f"version {number} leased {count}x but the ring has {live} {self.where()}"
+            )
+
+    async def hold_latest(self) -> tuple[Any, Any, dict[str, torch.Tensor]] | None:
+        """Lease the newest version now (held across the publisher's close)."""
+        versions = aiodcp.follow(self.root, rank=self.rank, source="memory")
+        with anyio.move_on_after(BOUND):
+            version = await versions.__anext__()
+            values = {k: v.clone() for k, v in version.state_dict().items()}
+            self.seen.append((version.number, values))
+            return versions, version, values
+        await versions.aclose()
+        raise AssertionError(f"no version to hold after publishing {self.where()}")
+
+    def check_seen(self) -> None:
+        """Every value the reader saw belongs to one version: the one published under
+        that number, whole (never a mix of two, never a half-written one)."""
+        for number, values in self.seen:
+            assert number in self.published, f"version {number} never published {self.where()}"
+            expected = self.published[number]
+            assert values.keys() == expected.keys(), f"version {number} keys {self.where()}"
+            for k, v in expected.items():
+                assert torch.equal(values[k], v), f"version {number} {k} torn {self.where()}"
+        self.seen.clear()
+
+    async def publish(self, ckpt: aiodcp.AsyncCheckpointer, records: list[Record]) -> None:
+        """``ckpt.publish`` (numbered past the highest so far), or ``save(publish=True)``
+        (version = the step; refused at once with ValueError if not newer)."""
+        values = self.state()
+        snap = {k: v.clone() for k, v in values.items()}
+        assert self.pub is not None
+        if self.rng.random() < 0.6:
+            number = max(self.published, default=-1) + self.rng.randint(1, 2)
+            self.published[number] = snap  # before: the reader may see it at once
+            with anyio.fail_after(BOUND):
+                got = await ckpt.publish(values, version=number)
+            assert got in (number, None), f"published {got} for {number} {self.where()}"
+            self.check_leases()  # a publish never takes a leased version's place
+            self.stats["published" if got is not None else "pub_skipped"] += 1
+            return
+        try:
+            with anyio.fail_after(BOUND):
+                handle = await ckpt.save(values, publish=True)
+        except ValueError:
+            return  # its step is not newer than a version published: refused at once
+        self.published[handle.step] = snap
+        self.check_leases()
+        records.append(Record(handle, snap, "commit"))
+        self.stats["saves"] += 1
+
     def fault_here(self) -> bool:
         """Faults hit one rank, chosen by the shared random stream."""
         return self.rng.randrange(self.world) == self.rank
@@ -263,12 +406,15 @@ class Torture:
         native = self.world == 1
         async with anyio.create_task_group() as tg:
             for _ in range(self.rng.randint(3, 6)):
+                pub = 4 if self.pub is not None else 0
                 op = self.rng.choices(
                     ["save", "train", "bad", "dup", "native", "prepare", "cancel", "await",
-                     "wait", "kill", "stop", "sleep"],
-                    weights=[10, 3, 1, native, 2 * native, 2, 2, 3, 1, 0.35, 0.5, 2],
+                     "wait", "kill", "stop", "sleep", "publish"],
+                    weights=[10, 3, 1, native, 2 * native, 2, 2, 3, 1, 0.35, 0.5, 2, pub],
                 )[0]  # fmt: skip
-                if op == "save":
+                if op == "publish":
+                    await self.publish(ckpt, records)
+                elif op == "save":
                     values = self.state()
                     overlap = self.rng.random() < 0.4
                     handle = await ckpt.save(values, overlap=overlap)

@@ -38,7 +38,7 @@ from ._handle import SaveEvent, SaveHandle, SaveResult
 from ._load import load_checkpoint
 from ._outcomes import Outcomes, latest_on_disk
 from ._preempt import Preemption
-from ._publish import Publishing
+from ._publishing import Publishing
 from ._saving import Saving
 from ._slots import SlotPool
 from ._supervisor import Supervisor

@@ -9,7 +9,9 @@ on this host, the same loop follows committed checkpoints on disk (``watch`` +
 
 How the iteration ends: the publisher closed normally -> it stops; the publisher
 died (EOF without its Closing frame) -> :class:`PublisherGoneError`; what the reader
-holds or copied stays valid.
+holds or copied stays valid. A connection closed before the publisher's Hello (a
+reader caught in the backlog of a publisher that was closing) was never served: the
+reader looks for a publisher again, as if none had answered.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from .._errors import (
 from .._staging._versions import Mapped, copy_into, views_state_dict
 from .._wire import _pubwire as w
 from ._load import load_checkpoint
-from ._publish import peer_uid, socket_name
+from ._pubconn import peer_uid, socket_name
 from ._watch import _drain, _inotify
 
 __all__ = ["Follower", "Version", "follow"]
@@ -45,6 +47,10 @@ __all__ = ["Follower", "Version", "follow"]
 log = logging.getLogger("aiodcp")
 
 Source = Literal["auto", "memory", "disk"]
+
+
+class _Unserved(Exception):
+    """The connection ended before the publisher's Hello: it never served us."""
 
 
 class Version:
@@ -248,7 +254,11 @@ class Follower:
             if self._sock is None and self.source != "disk":
                 await self._connect()
             if self._sock is not None:
-                version = await self._next_memory()
+                try:
+                    version = await self._next_memory()
+                except _Unserved:  # as if no publisher answered: look again
+                    await anyio.sleep(self.poll_interval if self.source == "memory" else 0)
+                    continue
             else:
                 version = await self._next_disk()
             if version is not None:
@@ -348,11 +358,13 @@ class Follower:
             elif isinstance(msg, w.Closing):
                 self._closing = True
         if not data:
-            closing = self._closing
+            closing, greeted = self._closing, self._wire.greeted
             self._disconnect()
             if closing:
                 self._closed = True
                 raise StopAsyncIteration
+            if not greeted:  # in the backlog of a publisher that closed: never served
+                raise _Unserved
             raise PublisherGoneError(
                 f"the publisher of {self.root} (rank {self.rank}) exited without closing"
             )

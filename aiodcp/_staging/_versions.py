@@ -111,20 +111,29 @@ class Spare:
         self._ready: tuple[int, int, int, int, int] | None = None  # fd, addr, size, hoff, n
         self.closed = False
 
+    def _fits(self, nbytes: int, header_nbytes: int) -> bool:
+        ready = self._ready
+        return ready is not None and ready[4] == nbytes and ready[2] - ready[3] >= header_nbytes
+
     def take(self, nbytes: int, header_nbytes: int) -> tuple[int, int, int, int] | None:
         with self._lock:
-            ready = self._ready
-            if ready is None or ready[4] != nbytes or ready[2] - ready[3] < header_nbytes:
+            if not self._fits(nbytes, header_nbytes):
                 return None
-            self._ready = None
+            ready, self._ready = self._ready, None
+        assert ready is not None
         return ready[:4]
 
-    def make(self, nbytes: int, header_capacity: int) -> None:
-        """Blocking: make the spare now (if none is ready)."""
+    def make(self, nbytes: int, header_nbytes: int) -> None:
+        """Blocking: make a spare for versions of ``nbytes`` (and a header of about
+        ``header_nbytes``) now, unless one that fits is ready. One that does not fit
+        (the state changed size) is dropped first: it would never be taken."""
         with self._lock:
-            if self._ready is not None or self.closed:
+            if self.closed or self._fits(nbytes, header_nbytes):
                 return
-        made = _create(nbytes, bytes(header_capacity), "aiodcp-version")
+            stale, self._ready = self._ready, None
+        if stale is not None:
+            _drop(*stale[:3])
+        made = _create(nbytes, bytes(max(2 * header_nbytes, 4096)), "aiodcp-version")
         with self._lock:
             if self._ready is None and not self.closed:
                 self._ready = (*made, nbytes)

@@ -232,6 +232,11 @@ class Wire:
                 self.held[msg.version] = count - 1
         return msg, fd
 
+    @property
+    def greeted(self) -> bool:
+        """A reader's: the publisher's Hello came (it served this connection)."""
+        return self._greeted
+
     def close(self) -> None:
         """Close descriptors received and not handed out (idempotent)."""
         self.closed = True
