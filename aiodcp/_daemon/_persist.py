@@ -45,6 +45,7 @@ def _slow_write() -> float:
     daemon forked from the fork server has the environment of its own spawn)."""
     return float(os.environ.get("AIODCP_TEST_SLOW_WRITE", "0") or 0)
 
+
 # At most one "writing" report per this many seconds and save: a live line moves ten
 # times a second, and the parent's loop is not woken per MiB.
 _REPORT_EVERY = 0.1
