@@ -258,7 +258,7 @@ async def test_kill9_mid_upload_leaves_nothing_visible_and_is_swept(
     async with aiodcp.AsyncCheckpointer(s3.root) as ckpt:  # the next writer's open sweeps
         assert await ckpt.steps() == []
         assert uploads(s3.client) == []
-        assert keys(s3.client) == []
+        assert keys(s3.client) == ["run/.writer"]  # only the open writer's lock
         await (await ckpt.save({"w": torch.ones(4)}, step=5))  # the step is free again
         assert await ckpt.steps() == [5]
 
@@ -576,3 +576,70 @@ async def test_a_held_lease_is_renewed_and_a_dead_readers_lease_lapses(
         await (await ckpt.save(state(3), step=3))
         assert await ckpt.steps() == [3]  # ... and now it has lapsed
     assert not any(k.startswith("run/.holds/") for k in keys(s3.client))
+
+
+# ------------------------------------------------------------------ writer lock
+async def test_a_second_writer_on_the_same_prefix_is_refused_naming_the_holder(
+    s3: SimpleNamespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two checkpointers on one s3:// prefix: the second is refused (naming who holds the
+    lock), and so is `aiodcp gc`; once the first closes, the lock is gone and both work."""
+    async with aiodcp.AsyncCheckpointer(s3.root) as ckpt:
+        await (await ckpt.save(state(0), step=0))
+        with pytest.raises(aiodcp.CheckpointError, match=r"in use by another live.*pid \d+"):
+            async with aiodcp.AsyncCheckpointer(s3.root):
+                pass
+        assert await anyio.to_thread.run_sync(_cli.main, ["gc", s3.root]) == 1
+        assert "in use by another live" in capsys.readouterr().err
+        assert "run/.writer" in keys(s3.client)
+        assert await ckpt.steps() == [0]
+    assert "run/.writer" not in keys(s3.client)
+    async with aiodcp.AsyncCheckpointer(s3.root) as ckpt:
+        await (await ckpt.save(state(1), step=1))
+    assert await anyio.to_thread.run_sync(_cli.main, ["gc", s3.root]) == 0
+    assert keys(s3.client, "run/.") == ["run/.commits/step_0", "run/.commits/step_1"]
+
+
+async def test_a_dead_or_lapsed_writers_lock_is_taken_over_and_a_lost_lock_stops_saves(
+    s3: SimpleNamespace,
+) -> None:
+    """The lock of a process of this host that no longer runs is taken over at once; one
+    of another host only once it lapsed (lease_ttl, by the server's clock); a writer whose
+    lock was taken over refuses further saves and leaves the new holder's lock alone."""
+    import json
+    import socket
+
+    from aiodcp._disk._s3_leases import _pid_namespace
+
+    proc = await anyio.run_process([sys.executable, "-c", "import os; print(os.getpid())"])
+    dead = int(proc.stdout)
+    here = {"host": socket.gethostname(), "pidns": await anyio.to_thread.run_sync(_pid_namespace)}
+
+    def put_lock(**info: Any) -> None:
+        s3.client.put_object(Bucket=BUCKET, Key="run/.writer", Body=json.dumps(info).encode())
+
+    def open_writer(opts: dict[str, Any] | None = None) -> Any:
+        store = open_store(s3.root, opts)
+        store.open_writer(0)
+        return store
+
+    put_lock(pid=dead, **here)
+    store = await anyio.to_thread.run_sync(open_writer)  # its holder is gone: at once
+    await anyio.to_thread.run_sync(store.close_writer)
+    assert keys(s3.client) == []
+    put_lock(pid=1, host="elsewhere", pidns="x")
+    with pytest.raises(aiodcp.CheckpointError, match="pid 1 on elsewhere"):
+        await anyio.to_thread.run_sync(open_writer)
+    await anyio.sleep(2.5)
+    store = await anyio.to_thread.run_sync(open_writer, {"lease_ttl": 1.0})  # lapsed
+    await anyio.to_thread.run_sync(store.close_writer)
+
+    opts = {"lease_ttl": 1.5}
+    async with aiodcp.AsyncCheckpointer(s3.root, storage_options=opts) as ckpt:
+        await (await ckpt.save(state(0), step=0))
+        put_lock(pid=2, host="thief", pidns="y")  # as if ours had lapsed and was taken
+        await anyio.sleep(1.5)  # a renewal (every 0.5 s) finds it
+        with pytest.raises(aiodcp.CheckpointError, match=r"lost the writer lock.*pid 2 on thief"):
+            await ckpt.save(state(1), step=1)
+    body = s3.client.get_object(Bucket=BUCKET, Key="run/.writer")["Body"].read()
+    assert json.loads(body)["host"] == "thief"  # not deleted by the writer that lost it

@@ -75,6 +75,10 @@ class Store:
         """Check the root is usable for writing; rank 0 takes the writer's lock and sweeps
         what interrupted saves left."""
 
+    def writer_lost(self) -> str | None:
+        """Why this writer no longer holds the root's lock (None: it does, or has none)."""
+        return None
+
     def close_writer(self) -> None:
         """Sweep leftovers (no daemon runs any more) and release the lock."""
 

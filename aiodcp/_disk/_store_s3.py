@@ -46,8 +46,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +53,7 @@ import botocore.exceptions  # ~0.1 s; boto3 itself (~1 s) is imported with the f
 
 from .._errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError
 from . import _manifest, _storage
+from ._s3_leases import Lease, WriterLock, server_now
 from ._safe import safe_relative
 from ._store import Store
 
@@ -165,6 +164,7 @@ class S3Store(Store):
         self.options = options
         self._client: Any = None
         self._client_lock = threading.Lock()
+        self._lock: WriterLock | None = None
 
     @classmethod
     def from_url(cls, url: str, storage_options: Mapping[str, Any] | None) -> S3Store:
@@ -353,13 +353,31 @@ class S3Store(Store):
                 ) from None
             raise
         if rank == 0:
-            swept = self.cleanup_leftovers()
+            self.lock_writer()
+            try:
+                swept = self.cleanup_leftovers()
+            except BaseException:
+                self.close_writer()
+                raise
             if swept:
                 log.info("removed leftovers of interrupted saves in %s: %s", self, swept)
 
+    def lock_writer(self) -> None:
+        """Take the root's writer lock (``CheckpointError`` naming a live holder)."""
+        lock = WriterLock(self)
+        lock.acquire()
+        self._lock = lock
+
+    def writer_lost(self) -> str | None:
+        return self._lock.lost if self._lock is not None else None
+
     def close_writer(self) -> None:
-        with contextlib.suppress(Exception):
-            self.cleanup_leftovers()
+        if self._lock is not None and self._lock.lost is None:
+            with contextlib.suppress(Exception):
+                self.cleanup_leftovers()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def cleanup_leftovers(self) -> list[Any]:
         """Abort multipart uploads under uncommitted steps; delete the objects of steps
@@ -679,8 +697,8 @@ class S3Store(Store):
             self.client.delete_object(Bucket=self.bucket, Key=f"{self.prefix}{PENDING}/step_{step}")
 
     # --------------------------------------------------------- leases, retention
-    def hold(self, step: int) -> _Lease:
-        lease = _Lease(self, step)
+    def hold(self, step: int) -> Lease:
+        lease = Lease(self, f"{self.prefix}{HOLDS}/step_{step}.{uuid.uuid4().hex}")
         lease.put()
         if not self.is_committed(step):  # after the lease is visible: see apply_retention
             lease.release()
@@ -696,7 +714,7 @@ class S3Store(Store):
         """Steps with a live lease (by the server's clock: LastModified + ttl > its Date)."""
         base = f"{self.prefix}{HOLDS}/"
         resp = self._call(self.client.list_objects_v2, Bucket=self.bucket, Prefix=base)
-        now = _server_now(resp)
+        now = server_now(resp)
         held = set()
         for obj in self._keys(base):
             m = _HOLD_RE.match(obj["Key"][len(base) :])
@@ -738,43 +756,6 @@ class S3Store(Store):
             self._delete_prefix(self._step_prefix(step))
             deleted.append(step)
         return deleted
-
-
-def _server_now(resp: Mapping[str, Any]) -> datetime:
-    date = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-    try:
-        return parsedate_to_datetime(date) if date else datetime.now(UTC)
-    except (TypeError, ValueError):
-        return datetime.now(UTC)
-
-
-class _Lease:
-    """A reader's lease object, renewed every ``lease_ttl / 3`` until released."""
-
-    def __init__(self, store: S3Store, step: int) -> None:
-        self.store = store
-        self.key = f"{store.prefix}{HOLDS}/step_{step}.{uuid.uuid4().hex}"
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def put(self) -> None:
-        self.store._call(
-            self.store.client.put_object, Bucket=self.store.bucket, Key=self.key, Body=b""
-        )
-
-    def start(self) -> None:
-        def renew() -> None:
-            while not self._stop.wait(self.store.options.lease_ttl / 3):
-                with contextlib.suppress(Exception):
-                    self.put()
-
-        self._thread = threading.Thread(target=renew, name="aiodcp-lease", daemon=True)
-        self._thread.start()
-
-    def release(self) -> None:
-        self._stop.set()
-        with contextlib.suppress(Exception):
-            self.store.client.delete_object(Bucket=self.store.bucket, Key=self.key)
 
 
 def _run_bounded(tasks: list[Callable[[], None]], concurrency: int) -> None:
