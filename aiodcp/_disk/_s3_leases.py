@@ -29,16 +29,17 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import botocore.exceptions
 
 from .._errors import CheckpointError
 
-if TYPE_CHECKING:
-    from ._store_s3 import S3Store
-
 __all__ = ["LOCK", "Lease", "WriterLock", "server_now"]
+
+# ``store`` below is an :class:`aiodcp._disk._store_s3.S3Store` (not imported: that
+# module imports this one): its ``client``, ``bucket``, ``prefix``, ``options``, ``url``
+# and ``_call``.
 
 log = logging.getLogger("aiodcp")
 
@@ -102,7 +103,7 @@ def _who(info: Mapping[str, Any]) -> str:
 class WriterLock:
     """The writer's lock of an ``s3://`` root (see the module docstring)."""
 
-    def __init__(self, store: S3Store) -> None:
+    def __init__(self, store: Any) -> None:
         self.store = store
         self.key = f"{store.prefix}{LOCK}"
         self.id = uuid.uuid4().hex
@@ -228,7 +229,7 @@ class WriterLock:
 class Lease:
     """A reader's lease object, renewed every ``lease_ttl / 3`` until released."""
 
-    def __init__(self, store: S3Store, key: str) -> None:
+    def __init__(self, store: Any, key: str) -> None:
         self.store = store
         self.key = key
         self._stop = threading.Event()
