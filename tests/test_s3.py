@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -643,3 +645,70 @@ async def test_a_dead_or_lapsed_writers_lock_is_taken_over_and_a_lost_lock_stops
             await ckpt.save(state(1), step=1)
     body = s3.client.get_object(Bucket=BUCKET, Key="run/.writer")["Body"].read()
     assert json.loads(body)["host"] == "thief"  # not deleted by the writer that lost it
+
+
+async def test_cancelling_a_save_mid_upload_aborts_it_and_publishes_nothing(
+    s3: SimpleNamespace,
+) -> None:
+    """handle.cancel() while the daemon uploads (before the marker, the commit point): the
+    save is cancelled, its multipart upload aborted, no step and no object of it remain;
+    the daemon serves the next save."""
+    hit = anyio.Event()
+    token = anyio.lowlevel.current_token()
+    stuck = {"on": True}
+
+    def rule(request: str) -> str:
+        if stuck["on"] and request.startswith("PUT ") and re.search(r"[?&]partNumber=2\b", request):
+            anyio.from_thread.run_sync(hit.set, token=token)
+            return "stall"
+        return "pass"
+
+    proxy = FaultProxy(s3.url, rule)
+    opts = {**MULTIPART, "max_concurrency": 1, "endpoint_url": proxy.url}
+    try:
+        async with aiodcp.AsyncCheckpointer(s3.root, storage_options=opts) as ckpt:
+            handle = await ckpt.save({"w": torch.randn(BIG // 4)}, step=0)
+            with anyio.fail_after(60):
+                await hit.wait()  # part 1 is uploaded, part 2 hangs
+            assert uploads(s3.client) == ["run/step_0/__0_0.distcp"]
+            handle.cancel()
+            with anyio.fail_after(30), pytest.raises(aiodcp.CheckpointCancelledError):
+                await handle
+            assert await ckpt.steps() == []
+            assert uploads(s3.client) == []
+            assert not any(k.startswith("run/step_0/") for k in keys(s3.client))
+            stuck["on"] = False
+            await (await ckpt.save(state(1), step=1))
+            assert await ckpt.steps() == [1]
+    finally:
+        proxy.stop()
+
+
+async def test_a_stopped_upload_aborts_its_multipart_uploads_itself(
+    s3: SimpleNamespace, tmp_path: Path
+) -> None:
+    """S3Store.upload stopped mid-file (any rank, without rank 0's clean-up): it returns
+    with no multipart upload of its own left open."""
+    hit = threading.Event()
+
+    def rule(request: str) -> str:
+        if request.startswith("PUT ") and re.search(r"[?&]partNumber=2\b", request):
+            hit.set()
+            return "stall"
+        return "pass"
+
+    proxy = FaultProxy(s3.url, rule)
+    opts = {**MULTIPART, "max_concurrency": 1, "endpoint_url": proxy.url}
+    (tmp_path / "__1_0.distcp").write_bytes(os.urandom(BIG))
+
+    def should_stop() -> None:
+        if hit.is_set():
+            raise aiodcp.CheckpointCancelledError("stop")
+
+    try:
+        store = open_store(s3.root, opts)
+        with pytest.raises(aiodcp.CheckpointCancelledError):
+            await anyio.to_thread.run_sync(store.upload, tmp_path, 3, 1, should_stop)
+        assert uploads(s3.client) == []
+    finally:
+        proxy.stop()

@@ -507,12 +507,40 @@ class S3Store(Store):
             failed.set()
             finished.set()
 
+        aborts: list[Callable[[], None]] = []
         for up in uploads:
             path = tmp / up.key.rsplit("/", 1)[1]
             if up.size < o.multipart_threshold:
                 tasks.put(self._put_task(path, up, file_done, fail, failed))
             else:
-                self._multipart(path, up, tasks, file_done, fail, failed)
+                aborts.append(self._multipart(path, up, tasks, file_done, fail, failed))
+        try:
+            self._wait_uploads(uploads, tasks, rank, should_stop, failed, finished)
+        except BaseException:
+            # stopped, stalled or cancelled: no multipart upload is left open (a part
+            # still in flight aborts its upload when it returns, never completes it)
+            failed.set()
+            for abort in aborts:
+                abort()
+            raise
+        if errors:
+            for abort in aborts:
+                abort()
+            up, exc = errors[0]
+            raise CheckpointError(
+                f"rank {rank}: upload of {self.url(up.key)} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _wait_uploads(
+        self,
+        uploads: list[_Upload],
+        tasks: queue.Queue[Callable[[], None] | None],
+        rank: int,
+        should_stop: Callable[[], None] | None,
+        failed: threading.Event,
+        finished: threading.Event,
+    ) -> None:
+        o = self.options
 
         def worker() -> None:
             while not failed.is_set():
@@ -531,25 +559,15 @@ class S3Store(Store):
             threading.Thread(target=worker, name=f"aiodcp-upload-{i}", daemon=True).start()
         while not finished.wait(0.05):
             if should_stop is not None:
-                try:
-                    should_stop()
-                except BaseException:
-                    failed.set()
-                    raise
+                should_stop()
             now = time.monotonic()
             for up in uploads:
                 if not up.done and now - up.last > o.upload_stall_timeout:
-                    failed.set()
                     raise UploadStalledError(
                         f"rank {rank}: upload of {self.url(up.key)} made no progress for "
                         f"{now - up.last:.1f} s ({up.sent} of {up.size} bytes sent; "
                         f"upload_stall_timeout={o.upload_stall_timeout})"
                     )
-        if errors:
-            up, exc = errors[0]
-            raise CheckpointError(
-                f"rank {rank}: upload of {self.url(up.key)} failed: {type(exc).__name__}: {exc}"
-            ) from exc
 
     def _put_task(
         self,
@@ -581,9 +599,10 @@ class S3Store(Store):
         done: Callable[[_Upload], None],
         fail: Callable[[_Upload, BaseException], None],
         failed: threading.Event,
-    ) -> None:
+    ) -> Callable[[], None]:
         """Queue one file's parts; the last part to finish completes the upload, and any
-        failure aborts it (nothing is left behind but what the sweep aborts)."""
+        failure aborts it (nothing is left behind but what the sweep aborts). Returns
+        the abort (idempotent; a no-op once completed)."""
         # S3: parts of at least 5 MiB, at most 10,000 of them (bigger files, bigger parts)
         chunk = max(5 << 20, self.options.multipart_chunksize, -(-up.size // 10_000))
         nparts = max(1, -(-up.size // chunk))
@@ -603,6 +622,8 @@ class S3Store(Store):
 
         def start() -> None:
             with lock:
+                if state["over"]:
+                    raise CheckpointError(f"upload of {self.url(up.key)} was aborted")
                 if state["id"] is None:
                     resp = self.client.create_multipart_upload(Bucket=self.bucket, Key=up.key)
                     state["id"] = resp["UploadId"]
@@ -626,6 +647,9 @@ class S3Store(Store):
                         Body=_Counting(data, up.progress),
                     )
                     _storage._fault_point("mid_upload")
+                    if failed.is_set():
+                        abort()
+                        return
                     with lock:
                         state["parts"][number] = resp["ETag"]
                         state["left"] -= 1
@@ -652,6 +676,7 @@ class S3Store(Store):
 
         for n in range(1, nparts + 1):
             tasks.put(part(n))
+        return abort
 
     def commit(self, tmp: Path, step: int, *, overwrite: bool) -> None:
         """Rank 0, once every rank's upload succeeded: check the objects, put the manifest,
