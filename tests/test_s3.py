@@ -712,3 +712,28 @@ async def test_a_stopped_upload_aborts_its_multipart_uploads_itself(
         assert uploads(s3.client) == []
     finally:
         proxy.stop()
+
+
+async def test_an_unreachable_endpoint_is_one_clear_error_within_seconds(
+    s3: SimpleNamespace, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nothing listens at the endpoint: opening, loading and the CLI each fail within
+    seconds (not after max_attempts backed-off retries) with one line naming the cause."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        port = sock.getsockname()[1]  # closed again: connections are refused
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    for attempt in (
+        lambda: aiodcp.AsyncCheckpointer(s3.root).__aenter__(),
+        lambda: aiodcp.load(blank(), s3.root),
+    ):
+        t0 = time.monotonic()
+        with pytest.raises(aiodcp.CheckpointError, match="cannot reach the S3 endpoint"):
+            await attempt()
+        assert time.monotonic() - t0 < 15
+    capsys.readouterr()
+    assert await anyio.to_thread.run_sync(_cli.main, ["ls", s3.root]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("aiodcp: s3://ckpt/run: cannot reach the S3 endpoint"), err
+    assert "Traceback" not in err and err.count("\n") == 1

@@ -188,24 +188,60 @@ class S3Store(Store):
     # ------------------------------------------------------------------ client
     @property
     def client(self) -> Any:
-        """The boto3 client, created on first use in this process (never inherited)."""
+        """The boto3 client, created on first use in this process (never inherited), after
+        a quick look at the bucket (:meth:`_probe`)."""
         with self._client_lock:
             if self._client is None:
                 import boto3
-                import botocore.config
 
                 o = self.options
-                config = botocore.config.Config(
-                    retries={"mode": "standard", "max_attempts": o.max_attempts},
-                    connect_timeout=o.connect_timeout,
-                    read_timeout=o.read_timeout,
-                    max_pool_connections=max(10, o.max_concurrency * 2),
-                )
                 session = boto3.session.Session()
+                self._probe(session)
                 self._client = session.client(
-                    "s3", endpoint_url=o.endpoint_url, region_name=o.region_name, config=config
+                    "s3",
+                    endpoint_url=o.endpoint_url,
+                    region_name=o.region_name,
+                    config=self._config(
+                        o.max_attempts, o.connect_timeout, o.read_timeout, o.max_concurrency
+                    ),
                 )
             return self._client
+
+    @staticmethod
+    def _config(attempts: int, connect: float, read: float, concurrency: int) -> Any:
+        import botocore.config
+
+        return botocore.config.Config(
+            retries={"mode": "standard", "max_attempts": attempts},
+            connect_timeout=connect,
+            read_timeout=read,
+            max_pool_connections=max(10, concurrency * 2),
+        )
+
+    def _probe(self, session: Any) -> None:
+        """``HEAD`` the bucket with few retries and short timeouts: an unreachable endpoint,
+        missing credentials or bucket, or refused access is one clear ``CheckpointError``
+        within seconds (the client proper retries each request ``max_attempts`` times)."""
+        o = self.options
+        quick = session.client(
+            "s3",
+            endpoint_url=o.endpoint_url,
+            region_name=o.region_name,
+            config=self._config(2, min(o.connect_timeout, 5.0), min(o.read_timeout, 10.0), 1),
+        )
+        try:
+            self._call(quick.head_bucket, Bucket=self.bucket)
+        except botocore.exceptions.ClientError as exc:
+            if _status(exc) == 404:
+                raise CheckpointError(f"{self}: bucket {self.bucket!r} does not exist") from None
+            if _status(exc) == 403:
+                raise CheckpointError(
+                    f"{self}: access refused (403): check the S3 credentials and their "
+                    "permissions on this bucket"
+                ) from None
+            raise
+        finally:
+            quick.close()
 
     def _keys(self, prefix: str) -> Iterator[dict[str, Any]]:
         """Every object under ``prefix`` (``Key``, ``Size``, ``LastModified``)."""
@@ -228,6 +264,16 @@ class S3Store(Store):
             raise CheckpointError(
                 f"{self}: no S3 credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
                 "or a profile)"
+            ) from None
+        except (
+            botocore.exceptions.EndpointConnectionError,
+            botocore.exceptions.ConnectTimeoutError,
+            botocore.exceptions.ReadTimeoutError,
+            botocore.exceptions.ConnectionClosedError,
+        ) as exc:
+            raise CheckpointError(
+                f"{self}: cannot reach the S3 endpoint ({exc}); check endpoint_url or "
+                "AWS_ENDPOINT_URL, and the network"
             ) from None
         except botocore.exceptions.ClientError as exc:
             code = _code(exc)
@@ -340,18 +386,9 @@ class S3Store(Store):
 
     # ----------------------------------------------------------------- writing
     def open_writer(self, rank: int) -> None:
-        # a missing bucket or refused credentials fail here, at open, not at the first save
-        try:
-            self._call(self.client.head_bucket, Bucket=self.bucket)
-        except botocore.exceptions.ClientError as exc:
-            if _status(exc) == 404:
-                raise CheckpointError(f"{self}: bucket {self.bucket!r} does not exist") from None
-            if _status(exc) == 403:
-                raise CheckpointError(
-                    f"{self}: access refused (403): check the S3 credentials and their "
-                    "permissions on this bucket"
-                ) from None
-            raise
+        # an unreachable endpoint, a missing bucket or refused credentials fail here, at
+        # open (the client's probe), not at the first save
+        _ = self.client
         if rank == 0:
             self.lock_writer()
             try:
