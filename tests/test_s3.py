@@ -83,7 +83,14 @@ def blank(n: int = 4096) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ URL parsing
-@pytest.mark.parametrize("root", ["gs://bucket/run", "file:///tmp/run", "http://h/r", "s3:/b/r"])
+@pytest.mark.parametrize(
+    "root",
+    [
+        *("gs://bucket/run", "file:///tmp/run", "http://h/r", "s3:/b/r", "s3://", "s3:///run"),
+        *("s3://b/../run", "s3://KEY:SECRET@b/run", "s3://b a/run", "s3://b/run\n"),
+        *("s3://b/run?versionId=1", "s3://b/run#x"),
+    ],
+)
 async def test_unsupported_or_malformed_url_is_refused_everywhere(
     root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -102,6 +109,13 @@ async def test_unsupported_or_malformed_url_is_refused_everywhere(
     for cmd in (["ls", root], ["verify", root], ["inspect", root], ["gc", root]):
         assert await anyio.to_thread.run_sync(_cli.main, cmd) == 1
     assert await anyio.to_thread.run_sync(os.listdir, tmp_path) == []  # no "gs:", no "s3:"
+
+
+async def test_credentials_in_a_url_are_refused_and_never_echoed() -> None:
+    """``s3://KEY:SECRET@bucket``: refused, and the secret appears in no message."""
+    with pytest.raises(ValueError, match="credentials in the URL") as err:
+        open_store("s3://AKIAX:hunter2@bucket/run")
+    assert "hunter2" not in str(err.value) and "AKIAX" not in str(err.value)
 
 
 async def test_s3_without_the_extra_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -67,6 +67,7 @@ HOLDS = ".holds"
 _MARKER_RE = re.compile(r"^step_(0|[1-9][0-9]{0,17})$", re.ASCII)
 _HOLD_RE = re.compile(r"^step_(0|[1-9][0-9]{0,17})\.[0-9a-f]{32}$", re.ASCII)
 _STEP_KEY_RE = re.compile(r"^step_(0|[1-9][0-9]{0,17})/", re.ASCII)
+_BUCKET_RE = re.compile(r"[A-Za-z0-9._-]{1,255}")  # botocore's own check (legacy names too)
 _SECRETISH = ("secret", "key_id", "token", "password", "credential")
 
 
@@ -168,12 +169,28 @@ class S3Store(Store):
 
     @classmethod
     def from_url(cls, url: str, storage_options: Mapping[str, Any] | None) -> S3Store:
-        m = re.match(r"^[sS]3://([^/]+)(?:/(.*))?$", url)
-        if not m:
+        m = re.fullmatch(r"[sS]3://([^/]*)(?:/(.*))?", url, re.DOTALL)
+        if not m or not m.group(1):
             raise ValueError(f"checkpoint root {url!r}: expected s3://bucket/prefix")
         bucket, prefix = m.group(1), (m.group(2) or "").strip("/")
+        if "@" in bucket:  # s3://KEY:SECRET@bucket: never echoed, never used
+            raise ValueError(
+                f"checkpoint root s3://...@{bucket.rpartition('@')[2]}/{prefix}: credentials "
+                "in the URL are not supported; use the standard environment "
+                "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ...)"
+            )
+        if not _BUCKET_RE.fullmatch(bucket):
+            raise ValueError(
+                f"checkpoint root {url!r}: {bucket!r} is not a bucket name (letters, digits, "
+                "'.', '-', '_'; at most 255)"
+            )
         if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
             raise ValueError(f"checkpoint root {url!r}: empty, '.' or '..' in the prefix")
+        if re.search(r"[\x00-\x1f\x7f?#]", prefix):
+            raise ValueError(
+                f"checkpoint root {url!r}: control characters, '?' and '#' are not supported "
+                "in the prefix (a query or fragment is not part of an s3:// root)"
+            )
         return cls(bucket, prefix + "/" if prefix else "", S3Options.parse(storage_options))
 
     def __str__(self) -> str:
