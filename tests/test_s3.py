@@ -751,3 +751,21 @@ async def test_an_unreachable_endpoint_is_one_clear_error_within_seconds(
     err = capsys.readouterr().err
     assert err.startswith("aiodcp: s3://ckpt/run: cannot reach the S3 endpoint"), err
     assert "Traceback" not in err and err.count("\n") == 1
+
+
+async def test_upload_progress_is_reported_as_uploading_events(s3: SimpleNamespace) -> None:
+    """on_event sees ``uploading`` events between ``written`` and ``committed``: bytes of
+    this rank's files stored so far, never more than the total, ending at the total."""
+    events: list[aiodcp.SaveEvent] = []
+    async with aiodcp.AsyncCheckpointer(
+        s3.root, on_event=events.append, storage_options={**MULTIPART, "max_concurrency": 1}
+    ) as ckpt:
+        await (await ckpt.save({"w": torch.randn(BIG // 4)}, step=0))
+    phases = [e.phase for e in events]
+    assert phases.index("written") < phases.index("uploading") < phases.index("committed")
+    up = [e for e in events if e.phase == "uploading"]
+    sizes = {o["Key"]: o["Size"] for o in s3.client.list_objects_v2(Bucket=BUCKET)["Contents"]}
+    total = sizes["run/step_0/__0_0.distcp"] + sizes["run/step_0/.metadata"]
+    assert all(e.total_bytes == total and 0 <= e.bytes_written <= total for e in up)
+    assert [e.bytes_written for e in up] == sorted(e.bytes_written for e in up)
+    assert up[-1].bytes_written == total

@@ -274,9 +274,17 @@ class Persisting:
             if req.cancel.is_set():
                 raise SaveCancelled(req.reason)
 
+        last = [0.0]
+
+        def progress(sent: int, total: int) -> None:
+            now = time.monotonic()
+            if now - last[0] >= 0.25 or sent == total:
+                last[0] = now
+                self.send(p.Progress(req.msg.req_id, "uploading", sent, total))
+
         vote: str | None = None
         try:
-            self.store.upload(tmp, req.msg.step, self.cfg.rank, should_stop)
+            self.store.upload(tmp, req.msg.step, self.cfg.rank, should_stop, progress)
             if req.cancel.is_set():
                 vote = _CANCEL
         except BaseException as exc:

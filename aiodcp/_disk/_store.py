@@ -103,9 +103,12 @@ class Store:
     def abandon(self, step: int) -> None:
         """Rank 0, after a failed save: remove what it published (never a committed step)."""
 
-    def upload(self, tmp: Path, step: int, rank: int, should_stop: Any = None) -> None:
+    def upload(
+        self, tmp: Path, step: int, rank: int, should_stop: Any = None, progress: Any = None
+    ) -> None:
         """Every rank, after the vote: make this rank's files of ``tmp`` durable where
-        readers find them (a no-op for a local root: the rename publishes them)."""
+        readers find them (a no-op for a local root: the rename publishes them).
+        ``should_stop()`` is called often and may raise; ``progress(sent, total)`` too."""
 
     def commit(self, tmp: Path, step: int, *, overwrite: bool) -> None:
         raise NotImplementedError

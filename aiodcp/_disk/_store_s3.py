@@ -129,20 +129,22 @@ def _status(exc: BaseException) -> int:
 
 
 class _Counting(io.BytesIO):
-    """A part's body that reports each read (botocore reads it as it sends)."""
+    """A part's body that tells the watchdog of each read (botocore reads it as it
+    sends -- and before, to checksum it: reads are signs of life, not bytes sent)."""
 
-    def __init__(self, data: bytes, progress: Callable[[int], None]) -> None:
+    def __init__(self, data: bytes, touch: Callable[[], None]) -> None:
         super().__init__(data)
-        self._progress = progress
+        self._touch = touch
 
     def read(self, size: int | None = -1) -> bytes:
         out = super().read(size)
-        self._progress(len(out))
+        self._touch()
         return out
 
 
 class _Upload:
-    """Progress of one file's upload, for the watchdog."""
+    """One file's upload: bytes of its finished parts, and its last sign of life (for
+    the watchdog)."""
 
     def __init__(self, key: str, size: int) -> None:
         self.key = key
@@ -150,9 +152,15 @@ class _Upload:
         self.sent = 0
         self.last = time.monotonic()
         self.done = False
+        self._lock = threading.Lock()
 
-    def progress(self, n: int) -> None:
-        self.sent += n
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+    def finished(self, n: int) -> None:
+        """A part (or the whole file) of ``n`` bytes is stored."""
+        with self._lock:
+            self.sent += n
         self.last = time.monotonic()
 
 
@@ -519,7 +527,12 @@ class S3Store(Store):
         self._delete_prefix(self._step_prefix(step))
 
     def upload(
-        self, tmp: Path, step: int, rank: int, should_stop: Callable[[], None] | None = None
+        self,
+        tmp: Path,
+        step: int,
+        rank: int,
+        should_stop: Callable[[], None] | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> None:
         """Upload the files this rank wrote (rank 0: also ``.metadata``; never the manifest,
         which rank 0 writes at the commit) under their final keys."""
@@ -530,7 +543,7 @@ class S3Store(Store):
             or (rank == 0 and n == _manifest.METADATA)
         )
         uploads = [_Upload(self._step_prefix(step) + n, os.path.getsize(tmp / n)) for n in names]
-        self._upload_all(tmp, uploads, rank, should_stop)
+        self._upload_all(tmp, uploads, rank, should_stop, progress)
 
     def _upload_all(
         self,
@@ -538,6 +551,7 @@ class S3Store(Store):
         uploads: list[_Upload],
         rank: int,
         should_stop: Callable[[], None] | None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> None:
         o = self.options
         tasks: queue.Queue[Callable[[], None] | None] = queue.Queue()
@@ -569,7 +583,7 @@ class S3Store(Store):
             else:
                 aborts.append(self._multipart(path, up, tasks, file_done, fail, failed))
         try:
-            self._wait_uploads(uploads, tasks, rank, should_stop, failed, finished)
+            self._wait_uploads(uploads, tasks, rank, should_stop, progress, failed, finished)
         except BaseException:
             # stopped, stalled or cancelled: no multipart upload is left open (a part
             # still in flight aborts its upload when it returns, never completes it)
@@ -584,6 +598,9 @@ class S3Store(Store):
             raise CheckpointError(
                 f"rank {rank}: upload of {self.url(up.key)} failed: {type(exc).__name__}: {exc}"
             ) from exc
+        if progress is not None:
+            total = sum(up.size for up in uploads)
+            progress(total, total)
 
     def _wait_uploads(
         self,
@@ -591,6 +608,7 @@ class S3Store(Store):
         tasks: queue.Queue[Callable[[], None] | None],
         rank: int,
         should_stop: Callable[[], None] | None,
+        progress: Callable[[int, int], None] | None,
         failed: threading.Event,
         finished: threading.Event,
     ) -> None:
@@ -611,15 +629,18 @@ class S3Store(Store):
         # daemon threads: a stuck request never keeps the daemon from exiting
         for i in range(max(1, o.max_concurrency)):
             threading.Thread(target=worker, name=f"aiodcp-upload-{i}", daemon=True).start()
+        total = sum(up.size for up in uploads)
         while not finished.wait(0.05):
             if should_stop is not None:
                 should_stop()
+            if progress is not None:
+                progress(sum(up.sent for up in uploads), total)
             now = time.monotonic()
             for up in uploads:
                 if not up.done and now - up.last > o.upload_stall_timeout:
                     raise UploadStalledError(
                         f"rank {rank}: upload of {self.url(up.key)} made no progress for "
-                        f"{now - up.last:.1f} s ({up.sent} of {up.size} bytes sent; "
+                        f"{now - up.last:.1f} s ({up.sent} of {up.size} bytes stored; "
                         f"upload_stall_timeout={o.upload_stall_timeout})"
                     )
 
@@ -636,9 +657,9 @@ class S3Store(Store):
                 data = path.read_bytes()
                 up.last = time.monotonic()
                 self.client.put_object(
-                    Bucket=self.bucket, Key=up.key, Body=_Counting(data, up.progress)
+                    Bucket=self.bucket, Key=up.key, Body=_Counting(data, up.touch)
                 )
-                up.progress(0)
+                up.finished(len(data))
                 done(up)
             except BaseException as exc:
                 fail(up, exc)
@@ -698,8 +719,9 @@ class S3Store(Store):
                         Key=up.key,
                         UploadId=state["id"],
                         PartNumber=number,
-                        Body=_Counting(data, up.progress),
+                        Body=_Counting(data, up.touch),
                     )
+                    up.finished(len(data))
                     _storage._fault_point("mid_upload")
                     if failed.is_set():
                         abort()
@@ -720,7 +742,7 @@ class S3Store(Store):
                         )
                         with lock:
                             state["over"] = True
-                        up.progress(0)
+                        up.touch()
                         done(up)
                 except BaseException as exc:
                     abort()
