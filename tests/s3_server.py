@@ -2,7 +2,8 @@
 
 :class:`FaultProxy` sits between a client and the server. It makes every request use a
 fresh connection (it forwards ``Connection: close``), so it sees each request line, and
-a rule can answer one with a throttling error (``503 SlowDown``), reset the connection,
+a rule can answer one with a throttling error (``503 SlowDown``), a refusal (``403
+AccessDenied``), reset the connection,
 or hold it for ever without an answer (a stuck upload).
 """
 
@@ -24,6 +25,14 @@ SLOWDOWN = (
     b"Content-Length: 120\r\n\r\n"
     + b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message>"
     b"<RequestId>1</RequestId></Error>".ljust(120)
+)
+
+
+DENIED = (
+    b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\nConnection: close\r\n"
+    b"Content-Length: 120\r\n\r\n"
+    + b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message>"
+    b"<RequestId>2</RequestId></Error>".ljust(120)
 )
 
 
@@ -53,7 +62,7 @@ class S3Server:
         self.server.stop()
 
 
-Rule = Callable[[str], str]  # request line -> "pass" | "throttle" | "reset" | "stall"
+Rule = Callable[[str], str]  # request line -> "pass" | "throttle" | "deny" | "reset" | "stall"
 
 
 class FaultProxy:
@@ -101,9 +110,9 @@ class FaultProxy:
         request = lines[0].decode("latin-1")
         action = self.rule(request)
         self.seen.append((request, action))
-        if action == "throttle":
+        if action in ("throttle", "deny"):
             with contextlib.suppress(OSError):
-                conn.sendall(SLOWDOWN)
+                conn.sendall(SLOWDOWN if action == "throttle" else DENIED)
             conn.close()
             return
         if action == "reset":

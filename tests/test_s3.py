@@ -769,3 +769,30 @@ async def test_upload_progress_is_reported_as_uploading_events(s3: SimpleNamespa
     assert all(e.total_bytes == total and 0 <= e.bytes_written <= total for e in up)
     assert [e.bytes_written for e in up] == sorted(e.bytes_written for e in up)
     assert up[-1].bytes_written == total
+
+
+async def test_read_only_credentials_load_without_a_lease(
+    s3: SimpleNamespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Credentials that may read but not write (an evaluation job's): load() reads the
+    latest step unleased, with a warning; an explicit hold() is refused clearly."""
+    async with aiodcp.AsyncCheckpointer(s3.root) as ckpt:
+        await (await ckpt.save(state(5), step=5))
+
+    def rule(request: str) -> str:
+        return "deny" if request.startswith(("PUT ", "POST ", "DELETE ")) else "pass"
+
+    proxy = FaultProxy(s3.url, rule)
+    opts = {"endpoint_url": proxy.url}
+    try:
+        into = blank()
+        assert await aiodcp.load(into, s3.root, storage_options=opts) == 5
+        assert torch.equal(into["w"], state(5)["w"])
+        assert "reading it unleased" in caplog.text
+        with pytest.raises(aiodcp.CheckpointError, match="access refused"):
+            async with aiodcp.hold(s3.root, 5, storage_options=opts):
+                pass
+        with pytest.raises(aiodcp.CheckpointNotFoundError):
+            await aiodcp.load(blank(), s3.root, step=4, storage_options=opts)
+    finally:
+        proxy.stop()

@@ -117,7 +117,10 @@ class Store:
         raise NotImplementedError
 
     # ---------------------------------------------------------------- readers
-    def hold(self, step: int) -> Any:
+    def hold(self, step: int, *, required: bool = True) -> Any:
+        """A reader's lease on committed ``step`` (``CheckpointNotFoundError`` if it is not);
+        ``required=False``: None instead of an error where a lease cannot be taken (an
+        object store with read-only credentials)."""
         raise NotImplementedError
 
     def release(self, lease: Any) -> None:
@@ -174,7 +177,7 @@ class LocalStore(Store):
     def apply_retention(self, keep_last: int | None, keep_every: int | None) -> list[int]:
         return _retention.apply_retention(self.root, keep_last, keep_every)
 
-    def hold(self, step: int) -> int:
+    def hold(self, step: int, *, required: bool = True) -> int:
         return _retention.hold_step(self.root, step)
 
     def release(self, lease: Any) -> None:

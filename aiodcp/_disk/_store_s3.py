@@ -75,6 +75,10 @@ class UploadStalledError(CheckpointError):
     """An upload made no progress for ``upload_stall_timeout`` seconds."""
 
 
+class AccessRefusedError(CheckpointError):
+    """The store refused a request (credentials, or their permissions)."""
+
+
 @dataclass(frozen=True)
 class S3Options:
     """``storage_options`` of an ``s3://`` root (credentials come from the environment)."""
@@ -305,7 +309,7 @@ class S3Store(Store):
             if code == "NoSuchBucket":
                 raise CheckpointError(f"{self}: bucket {self.bucket!r} does not exist") from None
             if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
-                raise CheckpointError(
+                raise AccessRefusedError(
                     f"{self}: access refused ({code}): check the S3 credentials and their "
                     "permissions on this bucket"
                 ) from None
@@ -798,9 +802,24 @@ class S3Store(Store):
             self.client.delete_object(Bucket=self.bucket, Key=f"{self.prefix}{PENDING}/step_{step}")
 
     # --------------------------------------------------------- leases, retention
-    def hold(self, step: int) -> Lease:
+    def hold(self, step: int, *, required: bool = True) -> Lease | None:
         lease = Lease(self, f"{self.prefix}{HOLDS}/step_{step}.{uuid.uuid4().hex}")
-        lease.put()
+        try:
+            lease.put()
+        except AccessRefusedError as exc:
+            if required:
+                raise
+            # read-only credentials (an evaluation job's): read without a lease
+            if not self.is_committed(step):
+                raise CheckpointNotFoundError(f"step {step} is not committed in {self}") from None
+            log.warning(
+                "could not lease step %d of %s (%s): reading it unleased; the writer's "
+                "retention may delete it meanwhile",
+                step,
+                self,
+                exc,
+            )
+            return None
         if not self.is_committed(step):  # after the lease is visible: see apply_retention
             lease.release()
             raise CheckpointNotFoundError(f"step {step} is not committed in {self}")
