@@ -196,8 +196,11 @@ class WriterLock:
             except Exception as exc:
                 if not _conflict(exc):
                     continue  # a network error: the next renewal tries again
-                held = self._read()
-                who = _who(held[1]) if held else "nobody (it was deleted)"
+                try:
+                    held = self._read()
+                    who = _who(held[1]) if held else "nobody (it was deleted)"
+                except Exception:
+                    who = "another writer"
                 self.lost = (
                     f"this AsyncCheckpointer lost the writer lock of {self.store}: it was not "
                     f"renewed within lease_ttl and is now held by {who}; open a new one"

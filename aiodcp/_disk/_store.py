@@ -75,6 +75,9 @@ class Store:
         """Check the root is usable for writing; rank 0 takes the writer's lock and sweeps
         what interrupted saves left."""
 
+    def close(self) -> None:
+        """Let go of this store's connections (the store may not be used afterwards)."""
+
     def writer_lost(self) -> str | None:
         """Why this writer no longer holds the root's lock (None: it does, or has none)."""
         return None

@@ -236,6 +236,14 @@ class S3Store(Store):
                 )
             return self._client
 
+    def close(self) -> None:
+        """Close the client's connections now, not whenever the garbage collector runs
+        (the store makes a new client if used again)."""
+        with self._client_lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
     @staticmethod
     def _config(attempts: int, connect: float, read: float, concurrency: int) -> Any:
         import botocore.config

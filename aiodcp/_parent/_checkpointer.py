@@ -450,6 +450,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption, Publishing):
             slot.close()
         if self.store.remote and self.rank == 0:
             self.store.close_writer()
+        self.store.close()
         if self._lock is not None:
             assert isinstance(self.root, Path)
             # no daemon runs now: whatever temporaries are left are litter
