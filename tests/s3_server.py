@@ -74,14 +74,17 @@ class FaultProxy:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.stopped = threading.Event()
+        self._lock = threading.Lock()
         self._held: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     def stop(self) -> None:
-        self.stopped.set()
+        with self._lock:
+            self.stopped.set()
+            held, self._held = self._held, []
         with contextlib.suppress(OSError):
             self.sock.close()
-        for s in self._held:
+        for s in held:
             with contextlib.suppress(OSError):
                 s.close()
 
@@ -122,12 +125,21 @@ class FaultProxy:
             conn.close()
             return
         if action == "stall":
-            self._held.append(conn)  # never answered; closed when the proxy stops
+            with self._lock:  # never answered; closed when the proxy stops
+                if not self.stopped.is_set():
+                    self._held.append(conn)
+                    return
+            conn.close()  # (a request that came in as it stopped: never left open)
             return
         kept = [ln for ln in lines[1:] if not ln.lower().startswith(b"connection:")]
         out = b"\r\n".join([lines[0], *kept, b"Connection: close"]) + b"\r\n\r\n" + rest
-        up = socket.create_connection(self.upstream)
-        up.sendall(out)
+        try:
+            up = socket.create_connection(self.upstream)
+        except OSError:
+            conn.close()
+            return
+        with contextlib.suppress(OSError):
+            up.sendall(out)
 
         def pump(src: socket.socket, dst: socket.socket) -> None:
             try:

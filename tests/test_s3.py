@@ -719,13 +719,14 @@ async def test_a_stopped_upload_aborts_its_multipart_uploads_itself(
         if hit.is_set():
             raise aiodcp.CheckpointCancelledError("stop")
 
+    store = open_store(s3.root, opts)
     try:
-        store = open_store(s3.root, opts)
         with pytest.raises(aiodcp.CheckpointCancelledError):
             await anyio.to_thread.run_sync(store.upload, tmp_path, 3, 1, should_stop)
         assert uploads(s3.client) == []
     finally:
         proxy.stop()
+        store.close()
 
 
 async def test_an_unreachable_endpoint_is_one_clear_error_within_seconds(
