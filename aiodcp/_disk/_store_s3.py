@@ -19,6 +19,9 @@ agree that every upload succeeded; rank 0 checks the objects against ``.metadata
 the manifest (sizes), puts the manifest, then the marker (create-only). Leftovers of an
 interrupted save (objects of a step with an intent and no marker, multipart uploads
 under an uncommitted step) are swept by the next writer at open, and after a failed save.
+One writer per prefix: rank 0 holds the ``.writer`` lock object while open. The uploader
+lives in :mod:`aiodcp._disk._s3_upload`, the writer's lock and readers' leases in
+:mod:`aiodcp._disk._s3_leases`.
 
 The client is boto3 (botocore), created lazily in the process that uses it (so the
 daemon creates its own after spawn): its full S3 API (conditional puts,
@@ -33,16 +36,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import json
 import logging
 import os
-import queue
 import re
 import shutil
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
@@ -54,6 +54,7 @@ import botocore.exceptions  # ~0.1 s; boto3 itself (~1 s) is imported with the f
 from .._errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError
 from . import _manifest, _storage
 from ._s3_leases import Lease, WriterLock, server_now
+from ._s3_upload import FileUpload, Uploading, UploadStalledError, run_bounded
 from ._safe import safe_relative
 from ._store import Store
 
@@ -69,10 +70,6 @@ _HOLD_RE = re.compile(r"^step_(0|[1-9][0-9]{0,17})\.[0-9a-f]{32}$", re.ASCII)
 _STEP_KEY_RE = re.compile(r"^step_(0|[1-9][0-9]{0,17})/", re.ASCII)
 _BUCKET_RE = re.compile(r"[A-Za-z0-9._-]{1,255}")  # botocore's own check (legacy names too)
 _SECRETISH = ("secret", "key_id", "token", "password", "credential")
-
-
-class UploadStalledError(CheckpointError):
-    """An upload made no progress for ``upload_stall_timeout`` seconds."""
 
 
 class AccessRefusedError(CheckpointError):
@@ -132,44 +129,9 @@ def _status(exc: BaseException) -> int:
     return 0
 
 
-class _Counting(io.BytesIO):
-    """A part's body that tells the watchdog of each read (botocore reads it as it
-    sends -- and before, to checksum it: reads are signs of life, not bytes sent)."""
-
-    def __init__(self, data: bytes, touch: Callable[[], None]) -> None:
-        super().__init__(data)
-        self._touch = touch
-
-    def read(self, size: int | None = -1) -> bytes:
-        out = super().read(size)
-        self._touch()
-        return out
-
-
-class _Upload:
-    """One file's upload: bytes of its finished parts, and its last sign of life (for
-    the watchdog)."""
-
-    def __init__(self, key: str, size: int) -> None:
-        self.key = key
-        self.size = size
-        self.sent = 0
-        self.last = time.monotonic()
-        self.done = False
-        self._lock = threading.Lock()
-
-    def touch(self) -> None:
-        self.last = time.monotonic()
-
-    def finished(self, n: int) -> None:
-        """A part (or the whole file) of ``n`` bytes is stored."""
-        with self._lock:
-            self.sent += n
-        self.last = time.monotonic()
-
-
-class S3Store(Store):
+class S3Store(Uploading, Store):
     remote = True
+    options: S3Options
 
     def __init__(self, bucket: str, prefix: str, options: S3Options) -> None:
         self.bucket = bucket
@@ -416,7 +378,7 @@ class S3Store(Store):
             except BaseException as exc:
                 errors.append(exc)
 
-        _run_bounded([functools.partial(fetch, n) for n in names], self.options.max_concurrency)
+        run_bounded([functools.partial(fetch, n) for n in names], self.options.max_concurrency)
         if errors:
             raise errors[0]
         return target
@@ -554,217 +516,8 @@ class S3Store(Store):
             if re.fullmatch(rf"__{rank}_[0-9]+\.distcp", n)
             or (rank == 0 and n == _manifest.METADATA)
         )
-        uploads = [_Upload(self._step_prefix(step) + n, os.path.getsize(tmp / n)) for n in names]
+        uploads = [FileUpload(self._step_prefix(step) + n, os.path.getsize(tmp / n)) for n in names]
         self._upload_all(tmp, uploads, rank, should_stop, progress)
-
-    def _upload_all(
-        self,
-        tmp: Path,
-        uploads: list[_Upload],
-        rank: int,
-        should_stop: Callable[[], None] | None,
-        progress: Callable[[int, int], None] | None = None,
-    ) -> None:
-        o = self.options
-        tasks: queue.Queue[Callable[[], None] | None] = queue.Queue()
-        errors: list[tuple[_Upload, BaseException]] = []
-        failed = threading.Event()
-        remaining = [len(uploads)]
-        lock = threading.Lock()
-        finished = threading.Event()
-        if not uploads:
-            return
-
-        def file_done(up: _Upload) -> None:
-            up.done = True
-            with lock:
-                remaining[0] -= 1
-                if remaining[0] == 0:
-                    finished.set()
-
-        def fail(up: _Upload, exc: BaseException) -> None:
-            errors.append((up, exc))
-            failed.set()
-            finished.set()
-
-        aborts: list[Callable[[], None]] = []
-        for up in uploads:
-            path = tmp / up.key.rsplit("/", 1)[1]
-            if up.size < o.multipart_threshold:
-                tasks.put(self._put_task(path, up, file_done, fail, failed))
-            else:
-                aborts.append(self._multipart(path, up, tasks, file_done, fail, failed))
-        try:
-            self._wait_uploads(uploads, tasks, rank, should_stop, progress, failed, finished)
-        except BaseException:
-            # stopped, stalled or cancelled: no multipart upload is left open (a part
-            # still in flight aborts its upload when it returns, never completes it)
-            failed.set()
-            for abort in aborts:
-                abort()
-            raise
-        if errors:
-            for abort in aborts:
-                abort()
-            up, exc = errors[0]
-            raise CheckpointError(
-                f"rank {rank}: upload of {self.url(up.key)} failed: {type(exc).__name__}: {exc}"
-            ) from exc
-        if progress is not None:
-            total = sum(up.size for up in uploads)
-            progress(total, total)
-
-    def _wait_uploads(
-        self,
-        uploads: list[_Upload],
-        tasks: queue.Queue[Callable[[], None] | None],
-        rank: int,
-        should_stop: Callable[[], None] | None,
-        progress: Callable[[int, int], None] | None,
-        failed: threading.Event,
-        finished: threading.Event,
-    ) -> None:
-        o = self.options
-
-        def worker() -> None:
-            while not failed.is_set():
-                try:
-                    task = tasks.get_nowait()
-                except queue.Empty:
-                    if finished.is_set():
-                        return
-                    time.sleep(0.005)
-                    continue
-                if task is not None:
-                    task()
-
-        # daemon threads: a stuck request never keeps the daemon from exiting
-        for i in range(max(1, o.max_concurrency)):
-            threading.Thread(target=worker, name=f"aiodcp-upload-{i}", daemon=True).start()
-        total = sum(up.size for up in uploads)
-        while not finished.wait(0.05):
-            if should_stop is not None:
-                should_stop()
-            if progress is not None:
-                progress(sum(up.sent for up in uploads), total)
-            now = time.monotonic()
-            for up in uploads:
-                if not up.done and now - up.last > o.upload_stall_timeout:
-                    raise UploadStalledError(
-                        f"rank {rank}: upload of {self.url(up.key)} made no progress for "
-                        f"{now - up.last:.1f} s ({up.sent} of {up.size} bytes stored; "
-                        f"upload_stall_timeout={o.upload_stall_timeout})"
-                    )
-
-    def _put_task(
-        self,
-        path: Path,
-        up: _Upload,
-        done: Callable[[_Upload], None],
-        fail: Callable[[_Upload, BaseException], None],
-        failed: threading.Event,
-    ) -> Callable[[], None]:
-        def run() -> None:
-            try:
-                data = path.read_bytes()
-                up.last = time.monotonic()
-                self.client.put_object(
-                    Bucket=self.bucket, Key=up.key, Body=_Counting(data, up.touch)
-                )
-                up.finished(len(data))
-                done(up)
-            except BaseException as exc:
-                fail(up, exc)
-
-        return run
-
-    def _multipart(
-        self,
-        path: Path,
-        up: _Upload,
-        tasks: queue.Queue[Callable[[], None] | None],
-        done: Callable[[_Upload], None],
-        fail: Callable[[_Upload, BaseException], None],
-        failed: threading.Event,
-    ) -> Callable[[], None]:
-        """Queue one file's parts; the last part to finish completes the upload, and any
-        failure aborts it (nothing is left behind but what the sweep aborts). Returns
-        the abort (idempotent; a no-op once completed)."""
-        # S3: parts of at least 5 MiB, at most 10,000 of them (bigger files, bigger parts)
-        chunk = max(5 << 20, self.options.multipart_chunksize, -(-up.size // 10_000))
-        nparts = max(1, -(-up.size // chunk))
-        state: dict[str, Any] = {"id": None, "parts": {}, "left": nparts, "over": False}
-        lock = threading.Lock()
-
-        def abort() -> None:
-            with lock:
-                if state["over"]:
-                    return
-                state["over"] = True
-            if state["id"] is not None:
-                with contextlib.suppress(Exception):
-                    self.client.abort_multipart_upload(
-                        Bucket=self.bucket, Key=up.key, UploadId=state["id"]
-                    )
-
-        def start() -> None:
-            with lock:
-                if state["over"]:
-                    raise CheckpointError(f"upload of {self.url(up.key)} was aborted")
-                if state["id"] is None:
-                    resp = self.client.create_multipart_upload(Bucket=self.bucket, Key=up.key)
-                    state["id"] = resp["UploadId"]
-
-        def part(number: int) -> Callable[[], None]:
-            def run() -> None:
-                try:
-                    if failed.is_set():
-                        abort()
-                        return
-                    start()
-                    with open(path, "rb") as f:
-                        f.seek((number - 1) * chunk)
-                        data = f.read(chunk)
-                    up.last = time.monotonic()
-                    resp = self.client.upload_part(
-                        Bucket=self.bucket,
-                        Key=up.key,
-                        UploadId=state["id"],
-                        PartNumber=number,
-                        Body=_Counting(data, up.touch),
-                    )
-                    up.finished(len(data))
-                    _storage._fault_point("mid_upload")
-                    if failed.is_set():
-                        abort()
-                        return
-                    with lock:
-                        state["parts"][number] = resp["ETag"]
-                        state["left"] -= 1
-                        last = state["left"] == 0
-                    if last:
-                        parts = [
-                            {"PartNumber": n, "ETag": e} for n, e in sorted(state["parts"].items())
-                        ]
-                        self.client.complete_multipart_upload(
-                            Bucket=self.bucket,
-                            Key=up.key,
-                            UploadId=state["id"],
-                            MultipartUpload={"Parts": parts},
-                        )
-                        with lock:
-                            state["over"] = True
-                        up.touch()
-                        done(up)
-                except BaseException as exc:
-                    abort()
-                    fail(up, exc)
-
-            return run
-
-        for n in range(1, nparts + 1):
-            tasks.put(part(n))
-        return abort
 
     def commit(self, tmp: Path, step: int, *, overwrite: bool) -> None:
         """Rank 0, once every rank's upload succeeded: check the objects, put the manifest,
@@ -884,24 +637,3 @@ class S3Store(Store):
             self._delete_prefix(self._step_prefix(step))
             deleted.append(step)
         return deleted
-
-
-def _run_bounded(tasks: list[Callable[[], None]], concurrency: int) -> None:
-    """Run ``tasks`` in at most ``concurrency`` daemon threads; wait for all."""
-    pending = list(reversed(tasks))
-    lock = threading.Lock()
-
-    def worker() -> None:
-        while True:
-            with lock:
-                if not pending:
-                    return
-                task = pending.pop()
-            task()
-
-    n = max(1, min(concurrency, len(tasks)))
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
