@@ -797,3 +797,55 @@ async def test_read_only_credentials_load_without_a_lease(
             await aiodcp.load(blank(), s3.root, step=4, storage_options=opts)
     finally:
         proxy.stop()
+
+
+TWO_RANKS_CANCEL = """
+import asyncio, sys, torch, torch.distributed as dist, aiodcp
+async def main():
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    opts = {"endpoint_url": sys.argv[2], "upload_stall_timeout": 120.0, "max_attempts": 1}
+    async with aiodcp.AsyncCheckpointer(sys.argv[1], storage_options=opts) as ckpt:
+        handle = await ckpt.save({f"w{rank}": torch.randn(1000)}, step=0)
+        if rank == 1:  # its upload hangs (the proxy): cancel it meanwhile
+            await asyncio.sleep(3)
+            handle.cancel()
+        try:
+            await asyncio.wait_for(handle, 60)
+        except aiodcp.CheckpointCancelledError:
+            print(f"CANCELLED on rank {rank}", flush=True)
+        assert await ckpt.steps() == []
+    dist.destroy_process_group()
+asyncio.run(main())
+"""
+
+
+@pytest.mark.timeout(240)
+async def test_two_ranks_a_cancel_on_one_mid_upload_cancels_the_save_on_both(
+    s3: SimpleNamespace, tmp_path: Path
+) -> None:
+    """Rank 1 cancels while its upload hangs and rank 0's is done: both ranks' handles
+    are cancelled (not failed, not committed), and no object of the step is left."""
+    from tests.conftest import REPO, torchrun
+
+    def rule(request: str) -> str:
+        return "stall" if request.startswith("PUT ") and "__1_" in request else "pass"
+
+    proxy = FaultProxy(s3.url, rule)
+    script = tmp_path / "cancel.py"
+    await anyio.to_thread.run_sync(script.write_text, TWO_RANKS_CANCEL)
+    try:
+        with anyio.fail_after(220):
+            proc = await anyio.run_process(
+                torchrun(str(script), s3.root, proxy.url),
+                check=False,
+                cwd=tmp_path,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+            )
+    finally:
+        proxy.stop()
+    out = (proc.stdout + proc.stderr).decode()
+    assert proc.returncode == 0, out[-6000:]
+    lines = sorted(ln for ln in proc.stdout.decode().splitlines() if ln.startswith("CANCELLED"))
+    assert lines == ["CANCELLED on rank 0", "CANCELLED on rank 1"], out[-6000:]
+    assert not any(k.startswith(("run/.commits/", "run/step_0/")) for k in keys(s3.client))
