@@ -2,7 +2,8 @@
 
 :class:`FaultProxy` sits between a client and the server. It makes every request use a
 fresh connection (it forwards ``Connection: close``), so it sees each request line, and
-a rule can answer one with a throttling error (``503 SlowDown``), reset the connection,
+a rule can answer one with a throttling error (``503 SlowDown``), a refusal (``403
+AccessDenied``), reset the connection,
 or hold it for ever without an answer (a stuck upload).
 """
 
@@ -24,6 +25,14 @@ SLOWDOWN = (
     b"Content-Length: 120\r\n\r\n"
     + b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message>"
     b"<RequestId>1</RequestId></Error>".ljust(120)
+)
+
+
+DENIED = (
+    b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\nConnection: close\r\n"
+    b"Content-Length: 120\r\n\r\n"
+    + b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message>"
+    b"<RequestId>2</RequestId></Error>".ljust(120)
 )
 
 
@@ -53,7 +62,7 @@ class S3Server:
         self.server.stop()
 
 
-Rule = Callable[[str], str]  # request line -> "pass" | "throttle" | "reset" | "stall"
+Rule = Callable[[str], str]  # request line -> "pass" | "throttle" | "deny" | "reset" | "stall"
 
 
 class FaultProxy:
@@ -65,14 +74,17 @@ class FaultProxy:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.stopped = threading.Event()
+        self._lock = threading.Lock()
         self._held: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     def stop(self) -> None:
-        self.stopped.set()
+        with self._lock:
+            self.stopped.set()
+            held, self._held = self._held, []
         with contextlib.suppress(OSError):
             self.sock.close()
-        for s in self._held:
+        for s in held:
             with contextlib.suppress(OSError):
                 s.close()
 
@@ -101,9 +113,9 @@ class FaultProxy:
         request = lines[0].decode("latin-1")
         action = self.rule(request)
         self.seen.append((request, action))
-        if action == "throttle":
+        if action in ("throttle", "deny"):
             with contextlib.suppress(OSError):
-                conn.sendall(SLOWDOWN)
+                conn.sendall(SLOWDOWN if action == "throttle" else DENIED)
             conn.close()
             return
         if action == "reset":
@@ -113,12 +125,21 @@ class FaultProxy:
             conn.close()
             return
         if action == "stall":
-            self._held.append(conn)  # never answered; closed when the proxy stops
+            with self._lock:  # never answered; closed when the proxy stops
+                if not self.stopped.is_set():
+                    self._held.append(conn)
+                    return
+            conn.close()  # (a request that came in as it stopped: never left open)
             return
         kept = [ln for ln in lines[1:] if not ln.lower().startswith(b"connection:")]
         out = b"\r\n".join([lines[0], *kept, b"Connection: close"]) + b"\r\n\r\n" + rest
-        up = socket.create_connection(self.upstream)
-        up.sendall(out)
+        try:
+            up = socket.create_connection(self.upstream)
+        except OSError:
+            conn.close()
+            return
+        with contextlib.suppress(OSError):
+            up.sendall(out)
 
         def pump(src: socket.socket, dst: socket.socket) -> None:
             try:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,7 +83,14 @@ def blank(n: int = 4096) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ URL parsing
-@pytest.mark.parametrize("root", ["gs://bucket/run", "file:///tmp/run", "http://h/r", "s3:/b/r"])
+@pytest.mark.parametrize(
+    "root",
+    [
+        *("gs://bucket/run", "file:///tmp/run", "http://h/r", "s3:/b/r", "s3://", "s3:///run"),
+        *("s3://b/../run", "s3://KEY:SECRET@b/run", "s3://b a/run", "s3://b/run\n"),
+        *("s3://b/run?versionId=1", "s3://b/run#x"),
+    ],
+)
 async def test_unsupported_or_malformed_url_is_refused_everywhere(
     root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -100,6 +109,13 @@ async def test_unsupported_or_malformed_url_is_refused_everywhere(
     for cmd in (["ls", root], ["verify", root], ["inspect", root], ["gc", root]):
         assert await anyio.to_thread.run_sync(_cli.main, cmd) == 1
     assert await anyio.to_thread.run_sync(os.listdir, tmp_path) == []  # no "gs:", no "s3:"
+
+
+async def test_credentials_in_a_url_are_refused_and_never_echoed() -> None:
+    """``s3://KEY:SECRET@bucket``: refused, and the secret appears in no message."""
+    with pytest.raises(ValueError, match="credentials in the URL") as err:
+        open_store("s3://AKIAX:hunter2@bucket/run")
+    assert "hunter2" not in str(err.value) and "AKIAX" not in str(err.value)
 
 
 async def test_s3_without_the_extra_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -258,7 +274,7 @@ async def test_kill9_mid_upload_leaves_nothing_visible_and_is_swept(
     async with aiodcp.AsyncCheckpointer(s3.root) as ckpt:  # the next writer's open sweeps
         assert await ckpt.steps() == []
         assert uploads(s3.client) == []
-        assert keys(s3.client) == []
+        assert keys(s3.client) == ["run/.writer"]  # only the open writer's lock
         await (await ckpt.save({"w": torch.ones(4)}, step=5))  # the step is free again
         assert await ckpt.steps() == [5]
 
@@ -576,3 +592,260 @@ async def test_a_held_lease_is_renewed_and_a_dead_readers_lease_lapses(
         await (await ckpt.save(state(3), step=3))
         assert await ckpt.steps() == [3]  # ... and now it has lapsed
     assert not any(k.startswith("run/.holds/") for k in keys(s3.client))
+
+
+# ------------------------------------------------------------------ writer lock
+async def test_a_second_writer_on_the_same_prefix_is_refused_naming_the_holder(
+    s3: SimpleNamespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two checkpointers on one s3:// prefix: the second is refused (naming who holds the
+    lock), and so is `aiodcp gc`; once the first closes, the lock is gone and both work."""
+    async with aiodcp.AsyncCheckpointer(s3.root) as ckpt:
+        await (await ckpt.save(state(0), step=0))
+        with pytest.raises(aiodcp.CheckpointError, match=r"in use by another live.*pid \d+"):
+            async with aiodcp.AsyncCheckpointer(s3.root):
+                pass
+        assert await anyio.to_thread.run_sync(_cli.main, ["gc", s3.root]) == 1
+        assert "in use by another live" in capsys.readouterr().err
+        assert "run/.writer" in keys(s3.client)
+        assert await ckpt.steps() == [0]
+    assert "run/.writer" not in keys(s3.client)
+    async with aiodcp.AsyncCheckpointer(s3.root) as ckpt:
+        await (await ckpt.save(state(1), step=1))
+    assert await anyio.to_thread.run_sync(_cli.main, ["gc", s3.root]) == 0
+    assert keys(s3.client, "run/.") == ["run/.commits/step_0", "run/.commits/step_1"]
+
+
+async def test_a_dead_or_lapsed_writers_lock_is_taken_over_and_a_lost_lock_stops_saves(
+    s3: SimpleNamespace,
+) -> None:
+    """The lock of a process of this host that no longer runs is taken over at once; one
+    of another host only once it lapsed (lease_ttl, by the server's clock); a writer whose
+    lock was taken over refuses further saves and leaves the new holder's lock alone."""
+    import json
+    import socket
+
+    from aiodcp._disk._s3_leases import _pid_namespace
+
+    proc = await anyio.run_process([sys.executable, "-c", "import os; print(os.getpid())"])
+    dead = int(proc.stdout)
+    here = {"host": socket.gethostname(), "pidns": await anyio.to_thread.run_sync(_pid_namespace)}
+
+    def put_lock(**info: Any) -> None:
+        s3.client.put_object(Bucket=BUCKET, Key="run/.writer", Body=json.dumps(info).encode())
+
+    def open_writer(opts: dict[str, Any] | None = None) -> Any:
+        store = open_store(s3.root, opts)
+        store.open_writer(0)
+        return store
+
+    put_lock(pid=dead, **here)
+    store = await anyio.to_thread.run_sync(open_writer)  # its holder is gone: at once
+    await anyio.to_thread.run_sync(store.close_writer)
+    assert keys(s3.client) == []
+    put_lock(pid=1, host="elsewhere", pidns="x")
+    with pytest.raises(aiodcp.CheckpointError, match="pid 1 on elsewhere"):
+        await anyio.to_thread.run_sync(open_writer)
+    await anyio.sleep(2.5)
+    store = await anyio.to_thread.run_sync(open_writer, {"lease_ttl": 1.0})  # lapsed
+    await anyio.to_thread.run_sync(store.close_writer)
+
+    opts = {"lease_ttl": 1.5}
+    async with aiodcp.AsyncCheckpointer(s3.root, storage_options=opts) as ckpt:
+        await (await ckpt.save(state(0), step=0))
+        put_lock(pid=2, host="thief", pidns="y")  # as if ours had lapsed and was taken
+        await anyio.sleep(1.5)  # a renewal (every 0.5 s) finds it
+        with pytest.raises(aiodcp.CheckpointError, match=r"lost the writer lock.*pid 2 on thief"):
+            await ckpt.save(state(1), step=1)
+    body = s3.client.get_object(Bucket=BUCKET, Key="run/.writer")["Body"].read()
+    assert json.loads(body)["host"] == "thief"  # not deleted by the writer that lost it
+
+
+async def test_cancelling_a_save_mid_upload_aborts_it_and_publishes_nothing(
+    s3: SimpleNamespace,
+) -> None:
+    """handle.cancel() while the daemon uploads (before the marker, the commit point): the
+    save is cancelled, its multipart upload aborted, no step and no object of it remain;
+    the daemon serves the next save."""
+    hit = anyio.Event()
+    token = anyio.lowlevel.current_token()
+    stuck = {"on": True}
+
+    def rule(request: str) -> str:
+        if stuck["on"] and request.startswith("PUT ") and re.search(r"[?&]partNumber=2\b", request):
+            anyio.from_thread.run_sync(hit.set, token=token)
+            return "stall"
+        return "pass"
+
+    proxy = FaultProxy(s3.url, rule)
+    opts = {**MULTIPART, "max_concurrency": 1, "endpoint_url": proxy.url}
+    try:
+        async with aiodcp.AsyncCheckpointer(s3.root, storage_options=opts) as ckpt:
+            handle = await ckpt.save({"w": torch.randn(BIG // 4)}, step=0)
+            with anyio.fail_after(60):
+                await hit.wait()  # part 1 is uploaded, part 2 hangs
+            assert uploads(s3.client) == ["run/step_0/__0_0.distcp"]
+            handle.cancel()
+            with anyio.fail_after(30), pytest.raises(aiodcp.CheckpointCancelledError):
+                await handle
+            assert await ckpt.steps() == []
+            assert uploads(s3.client) == []
+            assert not any(k.startswith("run/step_0/") for k in keys(s3.client))
+            stuck["on"] = False
+            await (await ckpt.save(state(1), step=1))
+            assert await ckpt.steps() == [1]
+    finally:
+        proxy.stop()
+
+
+async def test_a_stopped_upload_aborts_its_multipart_uploads_itself(
+    s3: SimpleNamespace, tmp_path: Path
+) -> None:
+    """S3Store.upload stopped mid-file (any rank, without rank 0's clean-up): it returns
+    with no multipart upload of its own left open."""
+    hit = threading.Event()
+
+    def rule(request: str) -> str:
+        if request.startswith("PUT ") and re.search(r"[?&]partNumber=2\b", request):
+            hit.set()
+            return "stall"
+        return "pass"
+
+    proxy = FaultProxy(s3.url, rule)
+    opts = {**MULTIPART, "max_concurrency": 1, "endpoint_url": proxy.url}
+    (tmp_path / "__1_0.distcp").write_bytes(os.urandom(BIG))
+
+    def should_stop() -> None:
+        if hit.is_set():
+            raise aiodcp.CheckpointCancelledError("stop")
+
+    store = open_store(s3.root, opts)
+    try:
+        with pytest.raises(aiodcp.CheckpointCancelledError):
+            await anyio.to_thread.run_sync(store.upload, tmp_path, 3, 1, should_stop)
+        assert uploads(s3.client) == []
+    finally:
+        proxy.stop()
+        store.close()
+
+
+async def test_an_unreachable_endpoint_is_one_clear_error_within_seconds(
+    s3: SimpleNamespace, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nothing listens at the endpoint: opening, loading and the CLI each fail within
+    seconds (not after max_attempts backed-off retries) with one line naming the cause."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        port = sock.getsockname()[1]  # closed again: connections are refused
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    for attempt in (
+        lambda: aiodcp.AsyncCheckpointer(s3.root).__aenter__(),
+        lambda: aiodcp.load(blank(), s3.root),
+    ):
+        t0 = time.monotonic()
+        with pytest.raises(aiodcp.CheckpointError, match="cannot reach the S3 endpoint"):
+            await attempt()
+        assert time.monotonic() - t0 < 15
+    capsys.readouterr()
+    assert await anyio.to_thread.run_sync(_cli.main, ["ls", s3.root]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("aiodcp: s3://ckpt/run: cannot reach the S3 endpoint"), err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+async def test_upload_progress_is_reported_as_uploading_events(s3: SimpleNamespace) -> None:
+    """on_event sees ``uploading`` events between ``written`` and ``committed``: bytes of
+    this rank's files stored so far, never more than the total, ending at the total."""
+    events: list[aiodcp.SaveEvent] = []
+    async with aiodcp.AsyncCheckpointer(
+        s3.root, on_event=events.append, storage_options={**MULTIPART, "max_concurrency": 1}
+    ) as ckpt:
+        await (await ckpt.save({"w": torch.randn(BIG // 4)}, step=0))
+    phases = [e.phase for e in events]
+    assert phases.index("written") < phases.index("uploading") < phases.index("committed")
+    up = [e for e in events if e.phase == "uploading"]
+    sizes = {o["Key"]: o["Size"] for o in s3.client.list_objects_v2(Bucket=BUCKET)["Contents"]}
+    total = sizes["run/step_0/__0_0.distcp"] + sizes["run/step_0/.metadata"]
+    assert all(e.total_bytes == total and 0 <= e.bytes_written <= total for e in up)
+    assert [e.bytes_written for e in up] == sorted(e.bytes_written for e in up)
+    assert up[-1].bytes_written == total
+
+
+async def test_read_only_credentials_load_without_a_lease(
+    s3: SimpleNamespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Credentials that may read but not write (an evaluation job's): load() reads the
+    latest step unleased, with a warning; an explicit hold() is refused clearly."""
+    async with aiodcp.AsyncCheckpointer(s3.root) as ckpt:
+        await (await ckpt.save(state(5), step=5))
+
+    def rule(request: str) -> str:
+        return "deny" if request.startswith(("PUT ", "POST ", "DELETE ")) else "pass"
+
+    proxy = FaultProxy(s3.url, rule)
+    opts = {"endpoint_url": proxy.url}
+    try:
+        into = blank()
+        assert await aiodcp.load(into, s3.root, storage_options=opts) == 5
+        assert torch.equal(into["w"], state(5)["w"])
+        assert "reading it unleased" in caplog.text
+        with pytest.raises(aiodcp.CheckpointError, match="access refused"):
+            async with aiodcp.hold(s3.root, 5, storage_options=opts):
+                pass
+        with pytest.raises(aiodcp.CheckpointNotFoundError):
+            await aiodcp.load(blank(), s3.root, step=4, storage_options=opts)
+    finally:
+        proxy.stop()
+
+
+TWO_RANKS_CANCEL = """
+import asyncio, sys, torch, torch.distributed as dist, aiodcp
+async def main():
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    opts = {"endpoint_url": sys.argv[2], "upload_stall_timeout": 120.0, "max_attempts": 1}
+    async with aiodcp.AsyncCheckpointer(sys.argv[1], storage_options=opts) as ckpt:
+        handle = await ckpt.save({f"w{rank}": torch.randn(1000)}, step=0)
+        if rank == 1:  # its upload hangs (the proxy): cancel it meanwhile
+            await asyncio.sleep(3)
+            handle.cancel()
+        try:
+            await asyncio.wait_for(handle, 60)
+        except aiodcp.CheckpointCancelledError:
+            print(f"CANCELLED on rank {rank}", flush=True)
+        assert await ckpt.steps() == []
+    dist.destroy_process_group()
+asyncio.run(main())
+"""
+
+
+@pytest.mark.timeout(240)
+async def test_two_ranks_a_cancel_on_one_mid_upload_cancels_the_save_on_both(
+    s3: SimpleNamespace, tmp_path: Path
+) -> None:
+    """Rank 1 cancels while its upload hangs and rank 0's is done: both ranks' handles
+    are cancelled (not failed, not committed), and no object of the step is left."""
+    from tests.conftest import REPO, torchrun
+
+    def rule(request: str) -> str:
+        return "stall" if request.startswith("PUT ") and "__1_" in request else "pass"
+
+    proxy = FaultProxy(s3.url, rule)
+    script = tmp_path / "cancel.py"
+    await anyio.to_thread.run_sync(script.write_text, TWO_RANKS_CANCEL)
+    try:
+        with anyio.fail_after(220):
+            proc = await anyio.run_process(
+                torchrun(str(script), s3.root, proxy.url),
+                check=False,
+                cwd=tmp_path,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+            )
+    finally:
+        proxy.stop()
+    out = (proc.stdout + proc.stderr).decode()
+    assert proc.returncode == 0, out[-6000:]
+    lines = sorted(ln for ln in proc.stdout.decode().splitlines() if ln.startswith("CANCELLED"))
+    assert lines == ["CANCELLED on rank 0", "CANCELLED on rank 1"], out[-6000:]
+    assert not any(k.startswith(("run/.commits/", "run/step_0/")) for k in keys(s3.client))

@@ -167,7 +167,7 @@ class Persisting:
                 self.store.begin(msg.step)  # an object store's intent (a no-op locally)
             nbytes = self._write(req, tmp)
             self._check_votes(req, self._agree(self._vote(req)))
-            err = self._commit(msg, tmp)
+            err = self._commit(req, tmp)
             if err:
                 raise RuntimeError(err)
             self.tmp_dirs.discard(tmp)
@@ -251,11 +251,12 @@ class Persisting:
         planner.report(final=True)
         return total
 
-    def _commit(self, msg: p.Save, tmp: Path) -> str | None:
+    def _commit(self, req: Request, tmp: Path) -> str | None:
         """Rank 0 publishes the step once every rank's data is durable; all learn the result."""
+        msg = req.msg
         err: str | None = None
         if self.store.remote:
-            err = self._upload(msg, tmp)
+            err = self._upload(req, tmp)
         if err is None and self.cfg.rank == 0:
             try:
                 self.store.commit(tmp, msg.step, overwrite=msg.overwrite)
@@ -272,20 +273,36 @@ class Persisting:
             err = box[0]
         return err
 
-    def _upload(self, msg: p.Save, tmp: Path) -> str | None:
-        """An object store: every rank uploads its own files; all learn every failure."""
+    def _upload(self, req: Request, tmp: Path) -> str | None:
+        """An object store: every rank uploads its own files; all learn every failure.
+        The commit point is the marker, after the upload: until then a cancel on any
+        rank stops the uploads (aborted) and cancels the save on all ranks."""
 
         def should_stop() -> None:
             if self.stopping.dying:
                 raise DaemonExiting(self.stopping.reason)
+            if req.cancel.is_set():
+                raise SaveCancelled(req.reason)
 
-        err: str | None = None
+        last = [0.0]
+
+        def progress(sent: int, total: int) -> None:
+            now = time.monotonic()
+            if now - last[0] >= 0.25 or sent == total:
+                last[0] = now
+                self.send(p.Progress(req.msg.req_id, "uploading", sent, total))
+
+        vote: str | None = None
         try:
-            self.store.upload(tmp, msg.step, self.cfg.rank, should_stop)
+            self.store.upload(tmp, req.msg.step, self.cfg.rank, should_stop, progress)
+            if req.cancel.is_set():
+                vote = _CANCEL
         except BaseException as exc:
-            err = f"{type(exc).__name__}: {exc}"
-        if self.pg is not None:
-            err = next((e for e in self._agree(err) if e), None)
+            vote = _CANCEL if is_cancellation(exc) else f"{type(exc).__name__}: {exc}"
+        votes = self._agree(vote) if self.pg is not None else [vote]
+        err = next((v for v in votes if v and v != _CANCEL), None)
+        if err is None and _CANCEL in votes:
+            raise SaveCancelled(req.reason)
         return err
 
     def _retain(self) -> None:

@@ -75,6 +75,13 @@ class Store:
         """Check the root is usable for writing; rank 0 takes the writer's lock and sweeps
         what interrupted saves left."""
 
+    def close(self) -> None:
+        """Let go of this store's connections (the store may not be used afterwards)."""
+
+    def writer_lost(self) -> str | None:
+        """Why this writer no longer holds the root's lock (None: it does, or has none)."""
+        return None
+
     def close_writer(self) -> None:
         """Sweep leftovers (no daemon runs any more) and release the lock."""
 
@@ -99,9 +106,12 @@ class Store:
     def abandon(self, step: int) -> None:
         """Rank 0, after a failed save: remove what it published (never a committed step)."""
 
-    def upload(self, tmp: Path, step: int, rank: int, should_stop: Any = None) -> None:
+    def upload(
+        self, tmp: Path, step: int, rank: int, should_stop: Any = None, progress: Any = None
+    ) -> None:
         """Every rank, after the vote: make this rank's files of ``tmp`` durable where
-        readers find them (a no-op for a local root: the rename publishes them)."""
+        readers find them (a no-op for a local root: the rename publishes them).
+        ``should_stop()`` is called often and may raise; ``progress(sent, total)`` too."""
 
     def commit(self, tmp: Path, step: int, *, overwrite: bool) -> None:
         raise NotImplementedError
@@ -110,7 +120,10 @@ class Store:
         raise NotImplementedError
 
     # ---------------------------------------------------------------- readers
-    def hold(self, step: int) -> Any:
+    def hold(self, step: int, *, required: bool = True) -> Any:
+        """A reader's lease on committed ``step`` (``CheckpointNotFoundError`` if it is not);
+        ``required=False``: None instead of an error where a lease cannot be taken (an
+        object store with read-only credentials)."""
         raise NotImplementedError
 
     def release(self, lease: Any) -> None:
@@ -167,7 +180,7 @@ class LocalStore(Store):
     def apply_retention(self, keep_last: int | None, keep_every: int | None) -> list[int]:
         return _retention.apply_retention(self.root, keep_last, keep_every)
 
-    def hold(self, step: int) -> int:
+    def hold(self, step: int, *, required: bool = True) -> int:
         return _retention.hold_step(self.root, step)
 
     def release(self, lease: Any) -> None:

@@ -19,6 +19,9 @@ agree that every upload succeeded; rank 0 checks the objects against ``.metadata
 the manifest (sizes), puts the manifest, then the marker (create-only). Leftovers of an
 interrupted save (objects of a step with an intent and no marker, multipart uploads
 under an uncommitted step) are swept by the next writer at open, and after a failed save.
+One writer per prefix: rank 0 holds the ``.writer`` lock object while open. The uploader
+lives in :mod:`aiodcp._disk._s3_upload`, the writer's lock and readers' leases in
+:mod:`aiodcp._disk._s3_leases`.
 
 The client is boto3 (botocore), created lazily in the process that uses it (so the
 daemon creates its own after spawn): its full S3 API (conditional puts,
@@ -33,21 +36,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import json
 import logging
 import os
-import queue
 import re
 import shutil
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +53,8 @@ import botocore.exceptions  # ~0.1 s; boto3 itself (~1 s) is imported with the f
 
 from .._errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError
 from . import _manifest, _storage
+from ._s3_leases import Lease, WriterLock, server_now
+from ._s3_upload import FileUpload, Uploading, UploadStalledError, run_bounded
 from ._safe import safe_relative
 from ._store import Store
 
@@ -68,11 +68,12 @@ HOLDS = ".holds"
 _MARKER_RE = re.compile(r"^step_(0|[1-9][0-9]{0,17})$", re.ASCII)
 _HOLD_RE = re.compile(r"^step_(0|[1-9][0-9]{0,17})\.[0-9a-f]{32}$", re.ASCII)
 _STEP_KEY_RE = re.compile(r"^step_(0|[1-9][0-9]{0,17})/", re.ASCII)
+_BUCKET_RE = re.compile(r"[A-Za-z0-9._-]{1,255}")  # botocore's own check (legacy names too)
 _SECRETISH = ("secret", "key_id", "token", "password", "credential")
 
 
-class UploadStalledError(CheckpointError):
-    """An upload made no progress for ``upload_stall_timeout`` seconds."""
+class AccessRefusedError(CheckpointError):
+    """The store refused a request (credentials, or their permissions)."""
 
 
 @dataclass(frozen=True)
@@ -128,36 +129,9 @@ def _status(exc: BaseException) -> int:
     return 0
 
 
-class _Counting(io.BytesIO):
-    """A part's body that reports each read (botocore reads it as it sends)."""
-
-    def __init__(self, data: bytes, progress: Callable[[int], None]) -> None:
-        super().__init__(data)
-        self._progress = progress
-
-    def read(self, size: int | None = -1) -> bytes:
-        out = super().read(size)
-        self._progress(len(out))
-        return out
-
-
-class _Upload:
-    """Progress of one file's upload, for the watchdog."""
-
-    def __init__(self, key: str, size: int) -> None:
-        self.key = key
-        self.size = size
-        self.sent = 0
-        self.last = time.monotonic()
-        self.done = False
-
-    def progress(self, n: int) -> None:
-        self.sent += n
-        self.last = time.monotonic()
-
-
-class S3Store(Store):
+class S3Store(Uploading, Store):
     remote = True
+    options: S3Options
 
     def __init__(self, bucket: str, prefix: str, options: S3Options) -> None:
         self.bucket = bucket
@@ -165,15 +139,32 @@ class S3Store(Store):
         self.options = options
         self._client: Any = None
         self._client_lock = threading.Lock()
+        self._lock: WriterLock | None = None
 
     @classmethod
     def from_url(cls, url: str, storage_options: Mapping[str, Any] | None) -> S3Store:
-        m = re.match(r"^[sS]3://([^/]+)(?:/(.*))?$", url)
-        if not m:
+        m = re.fullmatch(r"[sS]3://([^/]*)(?:/(.*))?", url, re.DOTALL)
+        if not m or not m.group(1):
             raise ValueError(f"checkpoint root {url!r}: expected s3://bucket/prefix")
         bucket, prefix = m.group(1), (m.group(2) or "").strip("/")
+        if "@" in bucket:  # s3://KEY:SECRET@bucket: never echoed, never used
+            raise ValueError(
+                f"checkpoint root s3://...@{bucket.rpartition('@')[2]}/{prefix}: credentials "
+                "in the URL are not supported; use the standard environment "
+                "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ...)"
+            )
+        if not _BUCKET_RE.fullmatch(bucket):
+            raise ValueError(
+                f"checkpoint root {url!r}: {bucket!r} is not a bucket name (letters, digits, "
+                "'.', '-', '_'; at most 255)"
+            )
         if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
             raise ValueError(f"checkpoint root {url!r}: empty, '.' or '..' in the prefix")
+        if re.search(r"[\x00-\x1f\x7f?#]", prefix):
+            raise ValueError(
+                f"checkpoint root {url!r}: control characters, '?' and '#' are not supported "
+                "in the prefix (a query or fragment is not part of an s3:// root)"
+            )
         return cls(bucket, prefix + "/" if prefix else "", S3Options.parse(storage_options))
 
     def __str__(self) -> str:
@@ -188,24 +179,68 @@ class S3Store(Store):
     # ------------------------------------------------------------------ client
     @property
     def client(self) -> Any:
-        """The boto3 client, created on first use in this process (never inherited)."""
+        """The boto3 client, created on first use in this process (never inherited), after
+        a quick look at the bucket (:meth:`_probe`)."""
         with self._client_lock:
             if self._client is None:
                 import boto3
-                import botocore.config
 
                 o = self.options
-                config = botocore.config.Config(
-                    retries={"mode": "standard", "max_attempts": o.max_attempts},
-                    connect_timeout=o.connect_timeout,
-                    read_timeout=o.read_timeout,
-                    max_pool_connections=max(10, o.max_concurrency * 2),
-                )
                 session = boto3.session.Session()
+                self._probe(session)
                 self._client = session.client(
-                    "s3", endpoint_url=o.endpoint_url, region_name=o.region_name, config=config
+                    "s3",
+                    endpoint_url=o.endpoint_url,
+                    region_name=o.region_name,
+                    config=self._config(
+                        o.max_attempts, o.connect_timeout, o.read_timeout, o.max_concurrency
+                    ),
                 )
             return self._client
+
+    def close(self) -> None:
+        """Close the client's connections now, not whenever the garbage collector runs
+        (the store makes a new client if used again)."""
+        with self._client_lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    @staticmethod
+    def _config(attempts: int, connect: float, read: float, concurrency: int) -> Any:
+        import botocore.config
+
+        return botocore.config.Config(
+            retries={"mode": "standard", "max_attempts": attempts},
+            connect_timeout=connect,
+            read_timeout=read,
+            max_pool_connections=max(10, concurrency * 2),
+        )
+
+    def _probe(self, session: Any) -> None:
+        """``HEAD`` the bucket with few retries and short timeouts: an unreachable endpoint,
+        missing credentials or bucket, or refused access is one clear ``CheckpointError``
+        within seconds (the client proper retries each request ``max_attempts`` times)."""
+        o = self.options
+        quick = session.client(
+            "s3",
+            endpoint_url=o.endpoint_url,
+            region_name=o.region_name,
+            config=self._config(2, min(o.connect_timeout, 5.0), min(o.read_timeout, 10.0), 1),
+        )
+        try:
+            self._call(quick.head_bucket, Bucket=self.bucket)
+        except botocore.exceptions.ClientError as exc:
+            if _status(exc) == 404:
+                raise CheckpointError(f"{self}: bucket {self.bucket!r} does not exist") from None
+            if _status(exc) == 403:
+                raise CheckpointError(
+                    f"{self}: access refused (403): check the S3 credentials and their "
+                    "permissions on this bucket"
+                ) from None
+            raise
+        finally:
+            quick.close()
 
     def _keys(self, prefix: str) -> Iterator[dict[str, Any]]:
         """Every object under ``prefix`` (``Key``, ``Size``, ``LastModified``)."""
@@ -229,12 +264,22 @@ class S3Store(Store):
                 f"{self}: no S3 credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
                 "or a profile)"
             ) from None
+        except (
+            botocore.exceptions.EndpointConnectionError,
+            botocore.exceptions.ConnectTimeoutError,
+            botocore.exceptions.ReadTimeoutError,
+            botocore.exceptions.ConnectionClosedError,
+        ) as exc:
+            raise CheckpointError(
+                f"{self}: cannot reach the S3 endpoint ({exc}); check endpoint_url or "
+                "AWS_ENDPOINT_URL, and the network"
+            ) from None
         except botocore.exceptions.ClientError as exc:
             code = _code(exc)
             if code == "NoSuchBucket":
                 raise CheckpointError(f"{self}: bucket {self.bucket!r} does not exist") from None
             if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
-                raise CheckpointError(
+                raise AccessRefusedError(
                     f"{self}: access refused ({code}): check the S3 credentials and their "
                     "permissions on this bucket"
                 ) from None
@@ -333,33 +378,42 @@ class S3Store(Store):
             except BaseException as exc:
                 errors.append(exc)
 
-        _run_bounded([functools.partial(fetch, n) for n in names], self.options.max_concurrency)
+        run_bounded([functools.partial(fetch, n) for n in names], self.options.max_concurrency)
         if errors:
             raise errors[0]
         return target
 
     # ----------------------------------------------------------------- writing
     def open_writer(self, rank: int) -> None:
-        # a missing bucket or refused credentials fail here, at open, not at the first save
-        try:
-            self._call(self.client.head_bucket, Bucket=self.bucket)
-        except botocore.exceptions.ClientError as exc:
-            if _status(exc) == 404:
-                raise CheckpointError(f"{self}: bucket {self.bucket!r} does not exist") from None
-            if _status(exc) == 403:
-                raise CheckpointError(
-                    f"{self}: access refused (403): check the S3 credentials and their "
-                    "permissions on this bucket"
-                ) from None
-            raise
+        # an unreachable endpoint, a missing bucket or refused credentials fail here, at
+        # open (the client's probe), not at the first save
+        _ = self.client
         if rank == 0:
-            swept = self.cleanup_leftovers()
+            self.lock_writer()
+            try:
+                swept = self.cleanup_leftovers()
+            except BaseException:
+                self.close_writer()
+                raise
             if swept:
                 log.info("removed leftovers of interrupted saves in %s: %s", self, swept)
 
+    def lock_writer(self) -> None:
+        """Take the root's writer lock (``CheckpointError`` naming a live holder)."""
+        lock = WriterLock(self)
+        lock.acquire()
+        self._lock = lock
+
+    def writer_lost(self) -> str | None:
+        return self._lock.lost if self._lock is not None else None
+
     def close_writer(self) -> None:
-        with contextlib.suppress(Exception):
-            self.cleanup_leftovers()
+        if self._lock is not None and self._lock.lost is None:
+            with contextlib.suppress(Exception):
+                self.cleanup_leftovers()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def cleanup_leftovers(self) -> list[Any]:
         """Abort multipart uploads under uncommitted steps; delete the objects of steps
@@ -447,7 +501,12 @@ class S3Store(Store):
         self._delete_prefix(self._step_prefix(step))
 
     def upload(
-        self, tmp: Path, step: int, rank: int, should_stop: Callable[[], None] | None = None
+        self,
+        tmp: Path,
+        step: int,
+        rank: int,
+        should_stop: Callable[[], None] | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> None:
         """Upload the files this rank wrote (rank 0: also ``.metadata``; never the manifest,
         which rank 0 writes at the commit) under their final keys."""
@@ -457,183 +516,8 @@ class S3Store(Store):
             if re.fullmatch(rf"__{rank}_[0-9]+\.distcp", n)
             or (rank == 0 and n == _manifest.METADATA)
         )
-        uploads = [_Upload(self._step_prefix(step) + n, os.path.getsize(tmp / n)) for n in names]
-        self._upload_all(tmp, uploads, rank, should_stop)
-
-    def _upload_all(
-        self,
-        tmp: Path,
-        uploads: list[_Upload],
-        rank: int,
-        should_stop: Callable[[], None] | None,
-    ) -> None:
-        o = self.options
-        tasks: queue.Queue[Callable[[], None] | None] = queue.Queue()
-        errors: list[tuple[_Upload, BaseException]] = []
-        failed = threading.Event()
-        remaining = [len(uploads)]
-        lock = threading.Lock()
-        finished = threading.Event()
-        if not uploads:
-            return
-
-        def file_done(up: _Upload) -> None:
-            up.done = True
-            with lock:
-                remaining[0] -= 1
-                if remaining[0] == 0:
-                    finished.set()
-
-        def fail(up: _Upload, exc: BaseException) -> None:
-            errors.append((up, exc))
-            failed.set()
-            finished.set()
-
-        for up in uploads:
-            path = tmp / up.key.rsplit("/", 1)[1]
-            if up.size < o.multipart_threshold:
-                tasks.put(self._put_task(path, up, file_done, fail, failed))
-            else:
-                self._multipart(path, up, tasks, file_done, fail, failed)
-
-        def worker() -> None:
-            while not failed.is_set():
-                try:
-                    task = tasks.get_nowait()
-                except queue.Empty:
-                    if finished.is_set():
-                        return
-                    time.sleep(0.005)
-                    continue
-                if task is not None:
-                    task()
-
-        # daemon threads: a stuck request never keeps the daemon from exiting
-        for i in range(max(1, o.max_concurrency)):
-            threading.Thread(target=worker, name=f"aiodcp-upload-{i}", daemon=True).start()
-        while not finished.wait(0.05):
-            if should_stop is not None:
-                try:
-                    should_stop()
-                except BaseException:
-                    failed.set()
-                    raise
-            now = time.monotonic()
-            for up in uploads:
-                if not up.done and now - up.last > o.upload_stall_timeout:
-                    failed.set()
-                    raise UploadStalledError(
-                        f"rank {rank}: upload of {self.url(up.key)} made no progress for "
-                        f"{now - up.last:.1f} s ({up.sent} of {up.size} bytes sent; "
-                        f"upload_stall_timeout={o.upload_stall_timeout})"
-                    )
-        if errors:
-            up, exc = errors[0]
-            raise CheckpointError(
-                f"rank {rank}: upload of {self.url(up.key)} failed: {type(exc).__name__}: {exc}"
-            ) from exc
-
-    def _put_task(
-        self,
-        path: Path,
-        up: _Upload,
-        done: Callable[[_Upload], None],
-        fail: Callable[[_Upload, BaseException], None],
-        failed: threading.Event,
-    ) -> Callable[[], None]:
-        def run() -> None:
-            try:
-                data = path.read_bytes()
-                up.last = time.monotonic()
-                self.client.put_object(
-                    Bucket=self.bucket, Key=up.key, Body=_Counting(data, up.progress)
-                )
-                up.progress(0)
-                done(up)
-            except BaseException as exc:
-                fail(up, exc)
-
-        return run
-
-    def _multipart(
-        self,
-        path: Path,
-        up: _Upload,
-        tasks: queue.Queue[Callable[[], None] | None],
-        done: Callable[[_Upload], None],
-        fail: Callable[[_Upload, BaseException], None],
-        failed: threading.Event,
-    ) -> None:
-        """Queue one file's parts; the last part to finish completes the upload, and any
-        failure aborts it (nothing is left behind but what the sweep aborts)."""
-        # S3: parts of at least 5 MiB, at most 10,000 of them (bigger files, bigger parts)
-        chunk = max(5 << 20, self.options.multipart_chunksize, -(-up.size // 10_000))
-        nparts = max(1, -(-up.size // chunk))
-        state: dict[str, Any] = {"id": None, "parts": {}, "left": nparts, "over": False}
-        lock = threading.Lock()
-
-        def abort() -> None:
-            with lock:
-                if state["over"]:
-                    return
-                state["over"] = True
-            if state["id"] is not None:
-                with contextlib.suppress(Exception):
-                    self.client.abort_multipart_upload(
-                        Bucket=self.bucket, Key=up.key, UploadId=state["id"]
-                    )
-
-        def start() -> None:
-            with lock:
-                if state["id"] is None:
-                    resp = self.client.create_multipart_upload(Bucket=self.bucket, Key=up.key)
-                    state["id"] = resp["UploadId"]
-
-        def part(number: int) -> Callable[[], None]:
-            def run() -> None:
-                try:
-                    if failed.is_set():
-                        abort()
-                        return
-                    start()
-                    with open(path, "rb") as f:
-                        f.seek((number - 1) * chunk)
-                        data = f.read(chunk)
-                    up.last = time.monotonic()
-                    resp = self.client.upload_part(
-                        Bucket=self.bucket,
-                        Key=up.key,
-                        UploadId=state["id"],
-                        PartNumber=number,
-                        Body=_Counting(data, up.progress),
-                    )
-                    _storage._fault_point("mid_upload")
-                    with lock:
-                        state["parts"][number] = resp["ETag"]
-                        state["left"] -= 1
-                        last = state["left"] == 0
-                    if last:
-                        parts = [
-                            {"PartNumber": n, "ETag": e} for n, e in sorted(state["parts"].items())
-                        ]
-                        self.client.complete_multipart_upload(
-                            Bucket=self.bucket,
-                            Key=up.key,
-                            UploadId=state["id"],
-                            MultipartUpload={"Parts": parts},
-                        )
-                        with lock:
-                            state["over"] = True
-                        up.progress(0)
-                        done(up)
-                except BaseException as exc:
-                    abort()
-                    fail(up, exc)
-
-            return run
-
-        for n in range(1, nparts + 1):
-            tasks.put(part(n))
+        uploads = [FileUpload(self._step_prefix(step) + n, os.path.getsize(tmp / n)) for n in names]
+        self._upload_all(tmp, uploads, rank, should_stop, progress)
 
     def commit(self, tmp: Path, step: int, *, overwrite: bool) -> None:
         """Rank 0, once every rank's upload succeeded: check the objects, put the manifest,
@@ -679,9 +563,24 @@ class S3Store(Store):
             self.client.delete_object(Bucket=self.bucket, Key=f"{self.prefix}{PENDING}/step_{step}")
 
     # --------------------------------------------------------- leases, retention
-    def hold(self, step: int) -> _Lease:
-        lease = _Lease(self, step)
-        lease.put()
+    def hold(self, step: int, *, required: bool = True) -> Lease | None:
+        lease = Lease(self, f"{self.prefix}{HOLDS}/step_{step}.{uuid.uuid4().hex}")
+        try:
+            lease.put()
+        except AccessRefusedError as exc:
+            if required:
+                raise
+            # read-only credentials (an evaluation job's): read without a lease
+            if not self.is_committed(step):
+                raise CheckpointNotFoundError(f"step {step} is not committed in {self}") from None
+            log.warning(
+                "could not lease step %d of %s (%s): reading it unleased; the writer's "
+                "retention may delete it meanwhile",
+                step,
+                self,
+                exc,
+            )
+            return None
         if not self.is_committed(step):  # after the lease is visible: see apply_retention
             lease.release()
             raise CheckpointNotFoundError(f"step {step} is not committed in {self}")
@@ -696,7 +595,7 @@ class S3Store(Store):
         """Steps with a live lease (by the server's clock: LastModified + ttl > its Date)."""
         base = f"{self.prefix}{HOLDS}/"
         resp = self._call(self.client.list_objects_v2, Bucket=self.bucket, Prefix=base)
-        now = _server_now(resp)
+        now = server_now(resp)
         held = set()
         for obj in self._keys(base):
             m = _HOLD_RE.match(obj["Key"][len(base) :])
@@ -738,61 +637,3 @@ class S3Store(Store):
             self._delete_prefix(self._step_prefix(step))
             deleted.append(step)
         return deleted
-
-
-def _server_now(resp: Mapping[str, Any]) -> datetime:
-    date = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-    try:
-        return parsedate_to_datetime(date) if date else datetime.now(UTC)
-    except (TypeError, ValueError):
-        return datetime.now(UTC)
-
-
-class _Lease:
-    """A reader's lease object, renewed every ``lease_ttl / 3`` until released."""
-
-    def __init__(self, store: S3Store, step: int) -> None:
-        self.store = store
-        self.key = f"{store.prefix}{HOLDS}/step_{step}.{uuid.uuid4().hex}"
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def put(self) -> None:
-        self.store._call(
-            self.store.client.put_object, Bucket=self.store.bucket, Key=self.key, Body=b""
-        )
-
-    def start(self) -> None:
-        def renew() -> None:
-            while not self._stop.wait(self.store.options.lease_ttl / 3):
-                with contextlib.suppress(Exception):
-                    self.put()
-
-        self._thread = threading.Thread(target=renew, name="aiodcp-lease", daemon=True)
-        self._thread.start()
-
-    def release(self) -> None:
-        self._stop.set()
-        with contextlib.suppress(Exception):
-            self.store.client.delete_object(Bucket=self.store.bucket, Key=self.key)
-
-
-def _run_bounded(tasks: list[Callable[[], None]], concurrency: int) -> None:
-    """Run ``tasks`` in at most ``concurrency`` daemon threads; wait for all."""
-    pending = list(reversed(tasks))
-    lock = threading.Lock()
-
-    def worker() -> None:
-        while True:
-            with lock:
-                if not pending:
-                    return
-                task = pending.pop()
-            task()
-
-    n = max(1, min(concurrency, len(tasks)))
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()

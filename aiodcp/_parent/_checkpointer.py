@@ -283,7 +283,13 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption, Publishing):
                 'when_busy="skip" is not supported with several ranks: each rank would '
                 "decide alone, and a rank could skip a save its peers make"
             )
-        await anyio.to_thread.run_sync(self._prepare_root)
+        try:
+            await anyio.to_thread.run_sync(self._prepare_root)
+        except BaseException:  # failed or cancelled: the writer's lock is let go
+            self._state = "closed"
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._close_blocking)
+            raise
 
     async def _finish_open(self) -> AsyncCheckpointer:
         assert self._tg is not None and self._group is not None
@@ -471,6 +477,7 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption, Publishing):
             slot.close()
         if self.store.remote and self.rank == 0:
             self.store.close_writer()
+        self.store.close()
         if self._lock is not None:
             assert isinstance(self.root, Path)
             # no daemon runs now: whatever temporaries are left are litter

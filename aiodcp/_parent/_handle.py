@@ -93,7 +93,9 @@ class SaveEvent:
     """Progress of one save, for UIs and notebooks (see ``on_event``)."""
 
     step: int
-    phase: Literal["staged", "writing", "written", "committed", "failed", "skipped"]
+    phase: Literal["staged", "writing", "written", "uploading", "committed", "failed", "skipped"]
+    """``uploading``: an object-store root's upload of this rank's files (``bytes_written``
+    of ``total_bytes`` sent), after ``written``."""
     bytes_written: int
     total_bytes: int
     seconds: float

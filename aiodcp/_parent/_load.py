@@ -371,15 +371,19 @@ async def load(
             non-tensor value needs a type ``weights_only=True`` does not admit.
     """
     store = await anyio.to_thread.run_sync(open_store, root, storage_options)
-    return await load_checkpoint(
-        state_dict,
-        store,
-        step=step,
-        group=resolve_group(process_group),
-        verify=verify,
-        fallback=fallback,
-        weights_only=weights_only,
-    )
+    try:
+        return await load_checkpoint(
+            state_dict,
+            store,
+            step=step,
+            group=resolve_group(process_group),
+            verify=verify,
+            fallback=fallback,
+            weights_only=weights_only,
+        )
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(store.close)
 
 
 @contextlib.asynccontextmanager
@@ -401,9 +405,13 @@ async def hold(
         CheckpointNotFoundError: the step is not committed (or was just deleted).
     """
     store = await anyio.to_thread.run_sync(open_store, root, storage_options)
-    lease = await anyio.to_thread.run_sync(store.hold, step)
     try:
-        yield step
+        lease = await anyio.to_thread.run_sync(store.hold, step)
+        try:
+            yield step
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(store.release, lease)
     finally:
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(store.release, lease)
+            await anyio.to_thread.run_sync(store.close)

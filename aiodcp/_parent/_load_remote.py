@@ -55,7 +55,7 @@ def _choose(
 ) -> tuple[int, Any]:
     """As :func:`aiodcp._parent._load._choose_step`, on a store: lease, download, check."""
     if step is not None:
-        lease = store.hold(step)
+        lease = store.hold(step, required=False)
         try:
             download_verified(store, step, dest, checksums=verify)
         except BaseException:
@@ -71,7 +71,7 @@ def _choose(
         candidate = candidates[0]
         tried.add(candidate)
         try:
-            lease = store.hold(candidate)
+            lease = store.hold(candidate, required=False)
         except CheckpointNotFoundError:
             continue  # retention deleted it: read the listing again
         try:

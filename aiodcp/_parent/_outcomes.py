@@ -48,8 +48,8 @@ class Outcomes(Parts):
         if handle is None:
             return
         if isinstance(msg, p.Progress):
-            phase: Literal["writing", "written"] = (
-                "written" if msg.phase == "written" else "writing"
+            phase: Literal["writing", "written", "uploading"] = (
+                msg.phase if msg.phase in ("written", "uploading") else "writing"  # type: ignore[assignment]
             )
             self._emit(handle, phase, msg.bytes_written, msg.total_bytes)
         elif isinstance(msg, p.Saved):

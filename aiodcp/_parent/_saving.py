@@ -22,6 +22,7 @@ import torch
 from .._disk import _storage
 from .._errors import (
     CheckpointCancelledError,
+    CheckpointError,
     CheckpointExistsError,
 )
 from .._staging._arena import memfd_with
@@ -196,6 +197,8 @@ class Saving(Parts):
     ) -> tuple[int, int]:
         """Copy thread: flatten, fit the slot's arena, copy, write the skeleton memfd."""
         step = handle.step
+        if (lost := self.store.writer_lost()) is not None:
+            raise CheckpointError(lost)
         if not overwrite and self.store.exists(step, quick=True):
             raise self.store.exists_error(step)
         # No GC pass (a full collection can hold the GIL for 100s of ms), and short

@@ -106,8 +106,12 @@ async def watch(
     """
     store = await anyio.to_thread.run_sync(open_store, root, storage_options)
     if not isinstance(store, LocalStore):
-        async for step in _poll_store(store, include_latest, poll_interval):
-            yield step
+        try:
+            async for step in _poll_store(store, include_latest, poll_interval):
+                yield step
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(store.close)
         return
     path = store.root
     event = anyio.Event()

@@ -82,6 +82,8 @@ def _remote(args: argparse.Namespace) -> int | None:
     except CheckpointError as exc:
         print(f"aiodcp: {exc}", file=sys.stderr)
         return 1
+    finally:
+        store.close()
     return code
 
 

@@ -85,10 +85,15 @@ def verify(store: Any, args: argparse.Namespace) -> int:
 
 def gc(store: Any, args: argparse.Namespace) -> int:
     """Abort aiodcp's multipart uploads under uncommitted steps and delete the objects of
-    interrupted saves. Run it only while no checkpointer writes to the root."""
+    interrupted saves, holding the root's writer lock (refused while a checkpointer
+    writes there)."""
     if args.dry_run:
         print("--dry-run is not supported for an object-store root", flush=True)
         return 1
-    for what in store.cleanup_leftovers():
-        print(f"removed {what}")
+    store.lock_writer()
+    try:
+        for what in store.cleanup_leftovers():
+            print(f"removed {what}")
+    finally:
+        store.close_writer()
     return 0
