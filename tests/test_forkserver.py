@@ -211,3 +211,64 @@ async def test_a_fork_whose_answer_is_lost_leaves_no_daemon_on_the_channel(
     monkeypatch.undo()
     # the lost daemon exited and is reaped: no zombie left in the server
     assert await anyio.to_thread.run_sync(srv.reap, lost[0]) is not None
+
+
+def _exists(pid: int) -> bool:
+    """Whether ``pid`` is still a process, a zombie included (not reaped)."""
+    return os.path.exists(f"/proc/{pid}")
+
+
+def _pidfds() -> set[int]:
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]":
+                out.add(int(fd))
+        except OSError:
+            pass
+    return out
+
+
+@pytest.mark.asyncio
+async def test_a_task_cancelled_during_the_fork_leaves_no_daemon_and_no_pidfd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """asyncio's own cancellation (task.cancel(), asyncio.timeout) is not held off by a
+    shield: a task cancelled while the server forks its daemon drops the result. The
+    daemon is then killed and reaped, its pidfd closed (it once stayed a zombie in the
+    server, and the pidfd stayed open, one per cancelled start)."""
+    import asyncio
+    import threading
+
+    srv = await anyio.to_thread.run_sync(_spawner.server, 120.0)
+    forking, forked = threading.Event(), threading.Event()
+    pids: list[int] = []
+    real = srv.fork
+
+    def slow_fork(argv: list[str], fds: list[int]) -> _spawner.ForkedProcess:
+        forking.set()
+        time.sleep(0.3)  # the task is cancelled meanwhile
+        proc = real(argv, fds)
+        pids.append(proc.pid)
+        forked.set()
+        return proc
+
+    monkeypatch.setattr(srv, "fork", slow_fork)
+    before = _pidfds()
+
+    async def enter() -> None:
+        async with aiodcp.AsyncCheckpointer(tmp_path):
+            pass
+
+    task = asyncio.ensure_future(enter())
+    while not forking.is_set():  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await anyio.to_thread.run_sync(forked.wait, 10.0)
+    (pid,) = pids
+    t0 = time.perf_counter()
+    while _exists(pid) or _pidfds() - before:
+        assert time.perf_counter() - t0 < 10, f"daemon {pid} or a pidfd left behind"
+        await asyncio.sleep(0.05)

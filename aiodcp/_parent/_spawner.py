@@ -23,6 +23,7 @@ import atexit
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -258,6 +259,18 @@ class ForkedProcess:
                         self._pidfd = None
             return self.returncode
 
+    def discard(self) -> None:
+        """Kill and reap (blocking, bounded): a daemon that no generation took."""
+        self.send_signal(signal.SIGKILL)
+        with self._lock:
+            fd = os.dup(self._pidfd) if self._pidfd is not None else None
+        if fd is not None:
+            try:
+                select.select([fd], [], [], 10.0)
+            finally:
+                os.close(fd)
+        self._collect()
+
     async def wait(self) -> int:
         """Until the process has exited (any number of tasks may wait); its exit code."""
         if self.returncode is not None:
@@ -295,6 +308,47 @@ class Channel:
         os.close(self.startup_r)
 
 
+class _Fork:
+    """One fork request, run in a worker thread that its caller may abandon.
+
+    Whoever comes second -- the thread finishing, or the caller abandoning it -- owns
+    what is left: the channel, and a daemon nobody took (killed and reaped)."""
+
+    def __init__(self, srv: ForkServer, argv: list[str], channel: Channel) -> None:
+        self.srv, self.argv, self.channel = srv, argv, channel
+        self._lock = threading.Lock()
+        self._done = False
+        self._abandoned = False
+        self._process: ForkedProcess | None = None
+
+    def run(self) -> ForkedProcess:
+        process: ForkedProcess | None = None
+        try:
+            fds = [self.channel.child.fileno(), self.channel.startup_w]
+            process = self.srv.fork(self.argv, fds)
+            return process
+        finally:
+            with self._lock:
+                self._done, self._process = True, process
+                abandoned = self._abandoned
+            if abandoned:
+                self._discard()
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True
+            done = self._done
+        if done and self._process is None:
+            self.channel.close()
+        elif done:  # the thread finished, its daemon was not taken: kill it, off the loop
+            threading.Thread(target=self._discard, name="aiodcp discard", daemon=True).start()
+
+    def _discard(self) -> None:
+        self.channel.close()
+        if self._process is not None:
+            self._process.discard()
+
+
 async def start_daemon(
     argv: list[str], *, start_timeout: float
 ) -> tuple[ForkedProcess | anyio.abc.Process, Channel]:
@@ -307,19 +361,20 @@ async def start_daemon(
     if os.environ.get("AIODCP_FORKSERVER", "1") != "0":
         try:
             # Starting the server may take seconds: abandoned if we are cancelled (it is
-            # then ready for the next caller). The fork itself is quick and never
-            # abandoned, so no daemon is left without an owner.
+            # then ready for the next caller).
             srv = await anyio.to_thread.run_sync(server, start_timeout, abandon_on_cancel=True)
-            channel = Channel()
+            # The fork is abandoned too: a shield does not hold off asyncio's own
+            # cancellation (task.cancel(), asyncio.timeout), so the daemon's owner is the
+            # thread until this task takes it, and the thread kills and reaps a daemon
+            # nobody took (it once stayed a zombie in the server, its pidfd open here).
+            call = _Fork(srv, argv, Channel())
             try:
-                process = await anyio.to_thread.run_sync(
-                    srv.fork, argv, [channel.child.fileno(), channel.startup_w]
-                )
+                process = await anyio.to_thread.run_sync(call.run, abandon_on_cancel=True)
             except BaseException:
-                channel.close()
+                call.abandon()
                 raise
-            channel.close_child_ends()
-            return process, channel
+            call.channel.close_child_ends()
+            return process, call.channel
         except Unavailable as exc:
             log.info("spawning the daemon (%s)", exc)
     channel = Channel()
