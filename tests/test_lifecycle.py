@@ -7,9 +7,11 @@ import asyncio
 import os
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 import torch
 
@@ -309,3 +311,44 @@ def test_ctrl_c_during_a_save_says_the_step_was_cancelled_in_a_short_traceback(
     assert lines[-1] == "KeyboardInterrupt" and len(lines) <= 32, err
     assert not (root / "step_5").exists() and not list(root.glob(".tmp-*"))
     assert seconds < 15, seconds
+
+
+@pytest.mark.parametrize("where", ["preparing", "failed"])
+@pytest.mark.asyncio
+async def test_an_entry_cancelled_or_failed_while_preparing_the_root_leaves_it_unlocked(
+    root: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """The writer lock is taken in a worker thread: an entry cancelled meanwhile (here by
+    asyncio.timeout, which does not wait for the thread), or a preparation that fails
+    after the lock is taken, once left the root locked for the rest of the process."""
+    from aiodcp._disk import _storage
+
+    real = _storage.reconcile
+    finished = threading.Event()
+
+    def slow_reconcile(path: Path) -> list[int]:
+        try:
+            time.sleep(0.5)
+            if where == "failed":
+                raise OSError("injected: cannot read the commit log")
+            return real(path)
+        finally:
+            finished.set()
+
+    monkeypatch.setattr(_storage, "reconcile", slow_reconcile)
+    with pytest.raises((TimeoutError, OSError)):
+        async with asyncio.timeout(0.2 if where == "preparing" else 30):
+            async with aiodcp.AsyncCheckpointer(root):
+                pass
+    monkeypatch.setattr(_storage, "reconcile", real)
+    await anyio.to_thread.run_sync(finished.wait, 10)
+    error = None
+    for _ in range(50):  # the abandoned thread lets go of the lock right after
+        try:
+            async with aiodcp.AsyncCheckpointer(root) as ckpt:
+                await (await ckpt.save({"x": torch.ones(3)}, step=0))
+            return
+        except aiodcp.CheckpointError as exc:
+            error = exc
+            await anyio.sleep(0.1)
+    raise AssertionError(f"the root stayed locked: {error}")

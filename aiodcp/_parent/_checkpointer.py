@@ -283,12 +283,34 @@ class AsyncCheckpointer(Saving, Outcomes, Preemption, Publishing):
                 'when_busy="skip" is not supported with several ranks: each rank would '
                 "decide alone, and a rank could skip a save its peers make"
             )
+        # The root's writer lock is taken in a worker thread. Whoever finishes second --
+        # the thread, or this task cancelled meanwhile (asyncio's own cancellation does not
+        # wait for the thread) -- lets go of it: a cancelled entry once left the root
+        # locked for the rest of the process. A failed preparation lets go of it too.
+        handoff = threading.Lock()
+        state = {"done": False, "abandoned": False}
+
+        def prepare() -> None:
+            try:
+                self._prepare_root()
+            except BaseException:
+                self._close_blocking()
+                raise
+            with handoff:
+                state["done"] = True
+                abandoned = state["abandoned"]
+            if abandoned:
+                self._close_blocking()
+
         try:
-            await anyio.to_thread.run_sync(self._prepare_root)
-        except BaseException:  # failed or cancelled: the writer's lock is let go
+            await anyio.to_thread.run_sync(prepare, abandon_on_cancel=True)
+        except BaseException:
             self._state = "closed"
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._close_blocking)
+            with handoff:
+                state["abandoned"] = True
+                done = state["done"]
+            if done:  # prepared, but we are gone: let go of it, off the loop
+                threading.Thread(target=self._close_blocking, name="aiodcp close").start()
             raise
 
     async def _finish_open(self) -> AsyncCheckpointer:

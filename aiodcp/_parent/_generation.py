@@ -153,23 +153,11 @@ class Generation:
         on_exit: Callable[[Generation], Awaitable[None]],
     ) -> Generation:
         """Spawn the daemon and wait (cancellably, within ``init_timeout``) for ``Ready``."""
-        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        startup_r, startup_w = os.pipe()
-        try:
-            process = await start_daemon(
-                ["--config", json.dumps(asdict(config))],
-                child_sock.fileno(),
-                startup_w,
-                start_timeout=init_timeout,
-            )
-        except BaseException:
-            parent_sock.close()
-            os.close(startup_r)
-            raise
-        finally:
-            # Our copy of the child's end must go at once: then a dead child is EOF.
-            child_sock.close()
-            os.close(startup_w)
+        process, channel = await start_daemon(
+            ["--config", json.dumps(asdict(config))], start_timeout=init_timeout
+        )
+        # The daemon's ends are closed already: a dead daemon is EOF at once.
+        parent_sock, startup_r = channel.parent, channel.startup_r
         parent_sock.setblocking(False)
         gen = cls(number, process, parent_sock, config.rank, on_message, on_exit)
         tg.start_soon(gen._run, name=f"aiodcp daemon generation {number} pid {gen.pid}")

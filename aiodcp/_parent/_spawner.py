@@ -23,6 +23,7 @@ import atexit
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -37,7 +38,7 @@ import anyio.to_thread
 
 log = logging.getLogger("aiodcp")
 
-__all__ = ["BOOTSTRAP", "ForkedProcess", "start_daemon"]
+__all__ = ["BOOTSTRAP", "Channel", "ForkedProcess", "start_daemon"]
 
 PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])  # the folder holding aiodcp/
 
@@ -75,6 +76,7 @@ class ForkServer:
 
     def __init__(self, start_timeout: float) -> None:
         self._lock = threading.Lock()
+        self._broken = False  # a request went unanswered: never ask again
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             env = {**os.environ, "AIODCP_PACKAGE_PARENT": PACKAGE_PARENT}
@@ -104,17 +106,35 @@ class ForkServer:
 
     @property
     def alive(self) -> bool:
-        return self.process.poll() is None
+        return not self._broken and self.process.poll() is None
+
+    def _give_up(self) -> None:
+        """Kill the server (SIGKILL ends a stopped one too) and never ask it again."""
+        self._broken = True
+        self.sock.close()
+        self.process.kill()
+        try:
+            self.process.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:  # pragma: no cover
+            pass
 
     def _request(self, msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
         data = json.dumps(msg).encode()
         with self._lock:
+            if self._broken:
+                raise Unavailable("the fork server was given up")
             try:
                 anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
                 self.sock.sendmsg([data], anc if fds else [])
                 reply, ancdata, _, _ = self.sock.recvmsg(1 << 16, socket.CMSG_SPACE(4))
             except OSError as exc:
+                # No answer in time (a stopped or frozen server): the answer may still
+                # come, and be read as the answer to the next request, and the request
+                # may still be carried out. Neither may happen: the server goes.
+                self._give_up()
                 raise Unavailable(f"the fork server is gone: {exc}") from None
+            if not reply:
+                self._give_up()
         got = array.array("i")
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -139,6 +159,8 @@ class ForkServer:
             for fd in std:
                 os.close(fd)
         if len(got) != 1:
+            for fd in got:
+                os.close(fd)
             raise Unavailable(f"the fork server sent {len(got)} descriptors for one pidfd")
         return ForkedProcess(int(out["pid"]), got[0], self)
 
@@ -237,6 +259,18 @@ class ForkedProcess:
                         self._pidfd = None
             return self.returncode
 
+    def discard(self) -> None:
+        """Kill and reap (blocking, bounded): a daemon that no generation took."""
+        self.send_signal(signal.SIGKILL)
+        with self._lock:
+            fd = os.dup(self._pidfd) if self._pidfd is not None else None
+        if fd is not None:
+            try:
+                select.select([fd], [], [], 10.0)
+            finally:
+                os.close(fd)
+        self._collect()
+
     async def wait(self) -> int:
         """Until the process has exited (any number of tasks may wait); its exit code."""
         if self.returncode is not None:
@@ -253,33 +287,117 @@ class ForkedProcess:
         return code
 
 
+class Channel:
+    """One daemon's start-up descriptors: the two ends of its socket and of its
+    start-up pipe. The daemon's ends go to the daemon and are closed here once it
+    has them; the parent's ends go to the generation."""
+
+    def __init__(self) -> None:
+        self.parent, self.child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.startup_r, self.startup_w = os.pipe()
+
+    def close_child_ends(self) -> None:
+        if self.startup_w >= 0:
+            self.child.close()
+            os.close(self.startup_w)
+            self.startup_w = -1
+
+    def close(self) -> None:
+        self.close_child_ends()
+        self.parent.close()
+        os.close(self.startup_r)
+
+
+class _Fork:
+    """One fork request, run in a worker thread that its caller may abandon.
+
+    Whoever comes second -- the thread finishing, or the caller abandoning it -- owns
+    what is left: the channel, and a daemon nobody took (killed and reaped)."""
+
+    def __init__(self, srv: ForkServer, argv: list[str], channel: Channel) -> None:
+        self.srv, self.argv, self.channel = srv, argv, channel
+        self._lock = threading.Lock()
+        self._done = False
+        self._abandoned = False
+        self._process: ForkedProcess | None = None
+
+    def run(self) -> ForkedProcess:
+        process: ForkedProcess | None = None
+        try:
+            fds = [self.channel.child.fileno(), self.channel.startup_w]
+            process = self.srv.fork(self.argv, fds)
+            return process
+        finally:
+            with self._lock:
+                self._done, self._process = True, process
+                abandoned = self._abandoned
+            if abandoned:
+                self._discard()
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True
+            done = self._done
+        if done and self._process is None:
+            self.channel.close()
+        elif done:  # the thread finished, its daemon was not taken: kill it, off the loop
+            threading.Thread(target=self._discard, name="aiodcp discard", daemon=True).start()
+
+    def _discard(self) -> None:
+        self.channel.close()
+        if self._process is not None:
+            self._process.discard()
+
+
 async def start_daemon(
-    argv: list[str], sock_fd: int, startup_w: int, *, start_timeout: float
-) -> ForkedProcess | anyio.abc.Process:
-    """Start a daemon (``--fd N`` + ``argv``) on the daemon's end of its socket and the
-    start-up pipe's write end; this process keeps (and closes) its own copies of both."""
+    argv: list[str], *, start_timeout: float
+) -> tuple[ForkedProcess | anyio.abc.Process, Channel]:
+    """Start a daemon (``--fd N`` + ``argv``); the daemon's ends of its channel are
+    closed here, the parent's ends are the caller's.
+
+    Each attempt has a channel of its own: a fork whose answer was lost may have made a
+    daemon, and that daemon must not share its socket with the one spawned instead (it
+    sees EOF when the lost channel is closed here, and exits)."""
     if os.environ.get("AIODCP_FORKSERVER", "1") != "0":
         try:
             # Starting the server may take seconds: abandoned if we are cancelled (it is
-            # then ready for the next caller). The fork itself is quick and never
-            # abandoned, so no daemon is left without an owner.
+            # then ready for the next caller).
             srv = await anyio.to_thread.run_sync(server, start_timeout, abandon_on_cancel=True)
-            return await anyio.to_thread.run_sync(srv.fork, argv, [sock_fd, startup_w])
+            # The fork is abandoned too: a shield does not hold off asyncio's own
+            # cancellation (task.cancel(), asyncio.timeout), so the daemon's owner is the
+            # thread until this task takes it, and the thread kills and reaps a daemon
+            # nobody took (it once stayed a zombie in the server, its pidfd open here).
+            call = _Fork(srv, argv, Channel())
+            try:
+                process = await anyio.to_thread.run_sync(call.run, abandon_on_cancel=True)
+            except BaseException:
+                call.abandon()
+                raise
+            call.channel.close_child_ends()
+            return process, call.channel
         except Unavailable as exc:
             log.info("spawning the daemon (%s)", exc)
+    channel = Channel()
+    sock_fd, startup_w = channel.child.fileno(), channel.startup_w
     env = {
         **os.environ,
         "AIODCP_PACKAGE_PARENT": PACKAGE_PARENT,
         "AIODCP_STARTUP_FD": str(startup_w),
     }
-    return await anyio.open_process(
-        [sys.executable, "-c", BOOTSTRAP, "--fd", str(sock_fd), *argv],
-        pass_fds=(sock_fd, startup_w),
-        stdin=subprocess.DEVNULL,
-        stdout=None,
-        stderr=None,
-        env=env,
-        # Its own session: a signal sent to the trainer's process group (Ctrl-C, a
-        # scheduler's SIGTERM) does not cut a save short; the parent decides.
-        start_new_session=True,
-    )
+    try:
+        spawned = await anyio.open_process(
+            [sys.executable, "-c", BOOTSTRAP, "--fd", str(sock_fd), *argv],
+            pass_fds=(sock_fd, startup_w),
+            stdin=subprocess.DEVNULL,
+            stdout=None,
+            stderr=None,
+            env=env,
+            # Its own session: a signal sent to the trainer's process group (Ctrl-C, a
+            # scheduler's SIGTERM) does not cut a save short; the parent decides.
+            start_new_session=True,
+        )
+    except BaseException:
+        channel.close()
+        raise
+    channel.close_child_ends()
+    return spawned, channel
