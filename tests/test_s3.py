@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -539,23 +541,22 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.timeout(240)
-async def test_two_ranks_a_stuck_upload_on_one_fails_the_save_on_both(
-    s3: SimpleNamespace, tmp_path: Path
-) -> None:
-    """Rank 1's upload never progresses: the save fails on both ranks within the bound,
-    each naming rank 1 and its object; nothing is committed."""
+async def _two_ranks_with_rank_1_stalled(
+    s3: SimpleNamespace, tmp_path: Path, script_text: str
+) -> subprocess.CompletedProcess[bytes]:
+    """Run ``script_text`` on 2 ranks (torchrun) through a proxy that never answers
+    rank 1's uploads of data objects (``__1_*``)."""
     from tests.conftest import REPO, torchrun
 
     def rule(request: str) -> str:
         return "stall" if request.startswith("PUT ") and "__1_" in request else "pass"
 
     proxy = FaultProxy(s3.url, rule)
-    script = tmp_path / "stuck.py"
-    await anyio.to_thread.run_sync(script.write_text, TWO_RANKS_STUCK)
+    script = tmp_path / "two_ranks.py"
+    await anyio.to_thread.run_sync(script.write_text, script_text)
     try:
         with anyio.fail_after(220):
-            proc = await anyio.run_process(
+            return await anyio.run_process(
                 torchrun(str(script), s3.root, proxy.url),
                 check=False,
                 cwd=tmp_path,
@@ -563,6 +564,15 @@ async def test_two_ranks_a_stuck_upload_on_one_fails_the_save_on_both(
             )
     finally:
         proxy.stop()
+
+
+@pytest.mark.timeout(240)
+async def test_two_ranks_a_stuck_upload_on_one_fails_the_save_on_both(
+    s3: SimpleNamespace, tmp_path: Path
+) -> None:
+    """Rank 1's upload never progresses: the save fails on both ranks within the bound,
+    each naming rank 1 and its object; nothing is committed."""
+    proc = await _two_ranks_with_rank_1_stalled(s3, tmp_path, TWO_RANKS_STUCK)
     out = (proc.stdout + proc.stderr).decode()
     assert proc.returncode == 0, out[-6000:]
     failed = [ln for ln in proc.stdout.decode().splitlines() if ln.startswith("FAILED")]
@@ -826,26 +836,37 @@ async def test_two_ranks_a_cancel_on_one_mid_upload_cancels_the_save_on_both(
 ) -> None:
     """Rank 1 cancels while its upload hangs and rank 0's is done: both ranks' handles
     are cancelled (not failed, not committed), and no object of the step is left."""
-    from tests.conftest import REPO, torchrun
-
-    def rule(request: str) -> str:
-        return "stall" if request.startswith("PUT ") and "__1_" in request else "pass"
-
-    proxy = FaultProxy(s3.url, rule)
-    script = tmp_path / "cancel.py"
-    await anyio.to_thread.run_sync(script.write_text, TWO_RANKS_CANCEL)
-    try:
-        with anyio.fail_after(220):
-            proc = await anyio.run_process(
-                torchrun(str(script), s3.root, proxy.url),
-                check=False,
-                cwd=tmp_path,
-                env={**os.environ, "PYTHONPATH": str(REPO)},
-            )
-    finally:
-        proxy.stop()
+    proc = await _two_ranks_with_rank_1_stalled(s3, tmp_path, TWO_RANKS_CANCEL)
     out = (proc.stdout + proc.stderr).decode()
     assert proc.returncode == 0, out[-6000:]
     lines = sorted(ln for ln in proc.stdout.decode().splitlines() if ln.startswith("CANCELLED"))
     assert lines == ["CANCELLED on rank 0", "CANCELLED on rank 1"], out[-6000:]
     assert not any(k.startswith(("run/.commits/", "run/step_0/")) for k in keys(s3.client))
+
+
+async def test_the_spool_sweep_removes_only_spools_whose_daemon_is_gone(
+    s3: SimpleNamespace,
+) -> None:
+    """Two writers of the same bucket and prefix through different endpoints (two tests
+    side by side did it) share this host's spool folder: one's sweep at open once removed
+    the other's step being written (FileNotFoundError in its daemon)."""
+    await anyio.to_thread.run_sync(_spool_sweep, s3.root)
+
+
+def _spool_sweep(root: str) -> None:
+    store = open_store(root)
+    live = store.tmp_dir(3, "ab" * 16)  # named after this process: alive
+    dead_pid = 2**22 + 12345  # above pid_max's default: never a live process here
+    dead = live.with_name(live.name.replace(f".{os.getpid()}.", f".{dead_pid}."))
+    legacy = live.with_name(live.name.replace(f".{os.getpid()}", ""))  # before pids
+    other = live.with_name("otherbucket_run_" + live.name.split("_", 2)[2])
+    try:
+        for path in (live, dead, legacy, other):
+            path.mkdir()
+        store.cleanup_leftovers()
+        assert live.is_dir() and other.is_dir()
+        assert not dead.exists() and not legacy.exists()
+    finally:
+        for path in (live, dead, legacy, other):
+            shutil.rmtree(path, ignore_errors=True)
+        store.close()

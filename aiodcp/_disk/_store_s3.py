@@ -428,9 +428,9 @@ class S3Store(Uploading, Store):
                 pending.append((int(m.group(1)), obj["Key"]))
         removed += self._abort_uploads(lambda s: s not in committed)
         spool = self.spool_root
-        if spool.is_dir():  # this host's spools of killed daemons (no daemon runs now)
+        if spool.is_dir():  # this host's spools of killed daemons: never a live one's
             for entry in spool.iterdir():
-                if entry.name.startswith(f"{self._spool_name()}{_storage.TMP_PREFIX}"):
+                if self._dead_spool(entry.name):
                     shutil.rmtree(entry, ignore_errors=True)
                     removed.append(str(entry))
         for step, key in pending:
@@ -475,9 +475,22 @@ class S3Store(Uploading, Store):
         return base / f"aiodcp-spool-{os.getuid()}"
 
     def tmp_dir(self, step: int, token: str) -> Path:
+        """A daemon's spool of one step, named after the daemon (its pid): another
+        process's sweep -- a writer of the same bucket and prefix through another
+        endpoint, a test beside this one -- removes it only once that pid is gone."""
         base = self.spool_root
         base.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return base / f"{self._spool_name()}{_storage.TMP_PREFIX}step_{step}-{token}"
+        name = f"{self._spool_name()}.{os.getpid()}{_storage.TMP_PREFIX}step_{step}-{token}"
+        return base / name
+
+    def _dead_spool(self, name: str) -> bool:
+        """``name`` is a spool of this bucket and prefix whose daemon is gone."""
+        own = re.escape(self._spool_name())
+        tmp = re.escape(_storage.TMP_PREFIX)
+        m = re.fullmatch(rf"{own}(?:\.(\d+))?{tmp}step_\d+-[0-9a-f]+", name)
+        if m is None:
+            return False
+        return m.group(1) is None or not _pid_alive(int(m.group(1)))
 
     def _spool_name(self) -> str:
         return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{self.bucket}_{self.prefix}")
@@ -637,3 +650,12 @@ class S3Store(Uploading, Store):
             self._delete_prefix(self._step_prefix(step))
             deleted.append(step)
         return deleted
+
+
+def _pid_alive(pid: int) -> bool:
+    """A process with ``pid`` runs on this host (and is not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
