@@ -162,3 +162,9 @@ def run_example(path: Path, *argv: str, cwd: Path) -> None:
     with contextlib.chdir(cwd), pytest.MonkeyPatch.context() as mp:
         mp.setattr(sys, "argv", [str(path), *argv])
         runpy.run_path(str(path), run_name="__main__")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The tests marked ``slow`` first (in their order): handed out last, one of them
+    would keep one worker busy long after the other ran out of tests."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -60,6 +60,7 @@ def test_generic_tensors_split_the_size() -> None:
     assert [t.nbytes for t in tensors_of(state)] == [2**17] * 8
 
 
+@pytest.mark.slow
 def test_shape_run_prints_every_row_and_ratio(tmp_path: Path) -> None:
     """One interleaved round of each method, plus memory, on a 2 MiB big16 state."""
     out = _bench(
@@ -98,6 +99,7 @@ def test_legacy_sizes_map_onto_big16(tmp_path: Path) -> None:
     assert "big16: 1 MiB in 16 tensors" in out and "big16: 2 MiB in 16 tensors" in out
 
 
+@pytest.mark.slow
 def test_train_run_prints_every_method_and_ratio(tmp_path: Path) -> None:
     """--train: a row per method (overlap reads n/a until the API exists) and the ratios."""
     out = _bench(

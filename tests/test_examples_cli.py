@@ -20,6 +20,7 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_training_example_runs_and_resumes(tmp_path: Path) -> None:
     example = str(REPO / "examples" / "async_training_loop.py")
     first = _run(example, "--root", "ck", "--steps", "41", "--every", "20", cwd=tmp_path)
@@ -30,6 +31,7 @@ def test_training_example_runs_and_resumes(tmp_path: Path) -> None:
     assert "resumed from step 40" in second.stdout
 
 
+@pytest.mark.slow
 def test_cli_demo_runs_twice_in_one_root_and_a_scratch_root_is_removed(tmp_path: Path) -> None:
     r = _run("-m", "aiodcp", "demo", "--root", "demo", "--steps", "41", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -133,6 +135,7 @@ async def test_a_live_line_moves_with_the_bytes_of_a_real_save(
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_rl_actor_learner_example(tmp_path: Path) -> None:
     """Actors in separate processes follow the published policy, never a partial one, one
     of them killed and restarted midway; run again in the same place, the learner resumes
@@ -147,6 +150,7 @@ def test_rl_actor_learner_example(tmp_path: Path) -> None:
         assert "actors exited with [0, 0]" in r.stdout
 
 
+@pytest.mark.slow
 def test_multirank_example_under_torchrun(tmp_path: Path) -> None:
     example = str(REPO / "examples" / "multirank_torchrun.py")
     cmd = torchrun(example, "--root", "mr")

@@ -23,6 +23,7 @@ async def _one_rank(root: Path) -> None:
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("mode", ["fresh-port", "prefix"])
+@pytest.mark.slow
 def test_two_ranks(tmp_path: Path, mode: str) -> None:
     """DTensor save read back by plain dcp.load, 2-rank load, cancel agreement, retention,
     1-rank checkpoint into 2 ranks; in prefix mode also a clean start-up failure."""
@@ -48,6 +49,7 @@ OWNERSHIP = REPO / "tests" / "multirank_ownership.py"
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_two_ranks_restart_together_and_fence_old_daemons(tmp_path: Path) -> None:
     """Issue 10 (obs 4, 5, 13, 14) and issue 11 on 2 real ranks: idle death restarts
     every rank's daemon together; a peer's death is a failure, never a cancel; an old

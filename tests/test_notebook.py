@@ -13,6 +13,7 @@ from .conftest import REPO, daemon_pids
 
 
 @pytest.mark.timeout(360)
+@pytest.mark.slow
 def test_notebook_runs_and_kernel_shutdown_leaves_no_daemon(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -28,6 +28,7 @@ def test_the_quickstart_blocks_are_marked() -> None:
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("index", [0, 1], ids=["quickstart", "overlapped"])
+@pytest.mark.slow
 def test_a_runnable_block_runs_twice_as_pasted(tmp_path: Path, index: int) -> None:
     script = tmp_path / "snippet.py"
     script.write_text(_blocks()[index])

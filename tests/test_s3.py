@@ -308,6 +308,7 @@ async def test_kill9_after_marker_is_recovered_as_committed(
     assert torch.equal(into["w"], state(4)["w"])
 
 
+@pytest.mark.slow
 async def test_throttling_and_connection_resets_are_retried(s3: SimpleNamespace) -> None:
     """503 SlowDown and reset connections on uploads are retried with backoff: it commits."""
     faults = {"throttle": 3, "reset": 2}
@@ -440,6 +441,7 @@ asyncio.run(main())
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.slow
 async def test_two_ranks_upload_their_own_files_and_commit_once(
     s3: SimpleNamespace, tmp_path: Path
 ) -> None:
@@ -567,6 +569,7 @@ async def _two_ranks_with_rank_1_stalled(
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.slow
 async def test_two_ranks_a_stuck_upload_on_one_fails_the_save_on_both(
     s3: SimpleNamespace, tmp_path: Path
 ) -> None:
@@ -831,6 +834,7 @@ asyncio.run(main())
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.slow
 async def test_two_ranks_a_cancel_on_one_mid_upload_cancels_the_save_on_both(
     s3: SimpleNamespace, tmp_path: Path
 ) -> None:

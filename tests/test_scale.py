@@ -27,6 +27,7 @@ async def _round_trip(ckpt: aiodcp.AsyncCheckpointer, state: dict, step: int) ->
 
 @pytest.mark.timeout(600)
 @pytest.mark.serial
+@pytest.mark.slow
 async def test_a_hundred_thousand_tensors_save_and_load_bit_exact(
     root: Path, timing_done: Callable[[], None]
 ) -> None:

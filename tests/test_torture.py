@@ -25,6 +25,7 @@ LONG = SCHEDULES > 200  # the suite's short run stays bounded
 
 
 @pytest.mark.timeout(0 if LONG else 300)  # 0: no limit (None would mean the default)
+@pytest.mark.slow
 def test_random_schedules_one_rank(tmp_path: Path) -> None:
     """100 random schedules (by default) on asyncio (see tests/torture.py for the
     operations, asyncio's own cancellation among them, and the invariants): every handle
@@ -53,6 +54,7 @@ def test_random_schedules_one_rank_on_trio(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(0 if LONG else 300)  # 0: no limit (None would mean the default)
+@pytest.mark.slow
 def test_random_schedules_two_ranks(tmp_path: Path) -> None:
     """The same on 2 real ranks, one seed driving both; faults hit one rank at a time:
     both ranks agree on every step's outcome as well."""
