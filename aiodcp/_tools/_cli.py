@@ -22,6 +22,7 @@ from typing import Any
 
 from .._disk import _manifest, _retention, _storage
 from .._errors import CheckpointError
+from ._report import print_verify
 
 
 def _size(path: Path) -> int:
@@ -217,18 +218,7 @@ def _verify(args: argparse.Namespace) -> int:
         except CheckpointError as exc:
             row.update(ok=False, error=str(exc), file=getattr(exc, "file", None))
         rows.append(row)
-    bad = [r for r in rows if not r["ok"]]
-    if args.json:
-        print(json.dumps({"root": str(root), "ok": not bad, "steps": rows}, indent=2))
-    else:
-        for r in rows:
-            if r["ok"]:
-                print(f"step {r['step']}: ok ({r['checked']})")
-            else:
-                print(f"step {r['step']}: FAILED: {r['error']}")
-        if not rows:
-            print(f"no committed steps in {root}")
-    return 1 if bad else 0
+    return print_verify(rows, root, args.json)
 
 
 def _check_manifest(path: Path, step: int, manifest: dict[str, tuple[int, str]]) -> None:

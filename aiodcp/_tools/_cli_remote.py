@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import CheckpointError
+from ._report import print_verify
 
 __all__ = ["gc", "ls", "metadata", "verify"]
 
@@ -69,18 +70,7 @@ def verify(store: Any, args: argparse.Namespace) -> int:
         except CheckpointError as exc:
             row.update(ok=False, error=str(exc), file=getattr(exc, "file", None))
         rows.append(row)
-    bad = [r for r in rows if not r["ok"]]
-    if args.json:
-        print(json.dumps({"root": str(store), "ok": not bad, "steps": rows}, indent=2))
-    else:
-        for r in rows:
-            if r["ok"]:
-                print(f"step {r['step']}: ok ({r['checked']})")
-            else:
-                print(f"step {r['step']}: FAILED: {r['error']}")
-        if not rows:
-            print(f"no committed steps in {store}")
-    return 1 if bad else 0
+    return print_verify(rows, store, args.json)
 
 
 def gc(store: Any, args: argparse.Namespace) -> int:
